@@ -1,0 +1,29 @@
+"""Session-wide test settings. Area fixtures live in tests/<area>/conftest.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_test():
+    # Two cores per machine: keep each test's intra-op threads bounded and deterministic.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    yield

@@ -1,0 +1,68 @@
+"""DESIGN.md's dependency rules, checked on the source: a violation fails here, not in production.
+
+- xsam/config.py imports no torch (the API validates job configs without torch installed);
+- service/ never imports torch, ray or worker (the API image has none of them);
+- worker/ never imports fastapi or sqlalchemy (GPU nodes hold no database credentials).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RULES = [
+    # (files, forbidden top-level packages, why)
+    (["xsam/config.py"], {"torch", "ray", "service", "worker"}, "the schema imports no torch"),
+    (
+        sorted((ROOT / "service").rglob("*.py")),
+        {"torch", "ray", "worker", "xsam.training", "xsam.optim", "xsam.models", "xsam.data"},
+        "the API image has no torch/ray",
+    ),
+    (
+        sorted((ROOT / "worker").rglob("*.py")),
+        {"fastapi", "sqlalchemy", "alembic", "service.db", "service.app", "service.queue"},
+        "GPU nodes never touch the database",
+    ),
+]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def violates(module: str, forbidden: set[str]) -> bool:
+    return any(module == f or module.startswith(f + ".") for f in forbidden)
+
+
+@pytest.mark.parametrize(("files", "forbidden", "why"), RULES, ids=["config", "service", "worker"])
+def test_dependency_rule(files, forbidden, why):
+    files = [ROOT / f if isinstance(f, str) else f for f in files]
+    assert files, "no files found: the rule would pass vacuously"
+    bad = [
+        f"{f.relative_to(ROOT)} imports {m}"
+        for f in files
+        for m in sorted(imported_modules(f))
+        if violates(m, forbidden)
+    ]
+    assert not bad, f"{why}: " + "; ".join(bad)
+
+
+def test_checker_catches_a_violation(tmp_path):
+    # The checker itself must be able to fail: a file that imports torch lazily is caught.
+    f = tmp_path / "m.py"
+    f.write_text("def g():\n    from torch import nn\n    import ray.train\n")
+    mods = imported_modules(f)
+    assert violates("torch", {"torch"}) and any(violates(m, {"torch"}) for m in mods)
+    assert any(violates(m, {"ray"}) for m in mods)

@@ -1,0 +1,5 @@
+import sys
+
+from xsam.cli import main
+
+sys.exit(main())

@@ -1,0 +1,350 @@
+"""The training configuration of one run: the schema a job carries and `xsam train` reads.
+
+Pydantic v2 only, no torch: the API validates job configs with this exact model without having
+torch installed. Defaults are the paper's CIFAR settings (../shared/XSAM.md): SGD lr 0.05,
+momentum 0.9, weight decay 1e-3, batch 125, cosine schedule over 200 epochs, ρ = 0.15,
+ρ_max = 2ρ, α grid 0:0.1:2.0, k = 1, α searched on the first minibatch of every epoch.
+
+Every validation error names its field (pydantic's ``loc``); `describe_errors` renders them as
+``"optimizer.rho: must be >= 0 (got -1.0)"`` lines for the CLI and the API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
+MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
+#: Names the data set registry (xsam/data.py) must provide; a test keeps the two in step.
+DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
+OPTIMIZER_NAMES = ("sgd", "sgd+", "sam", "xsam")
+#: The α search evaluates the loss once per grid point; more than this is a mistake, not a plan.
+MAX_ALPHA_PROBES = 1000
+MAX_EPOCHS = 10_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Strict):
+    """Which network to train. Its input shape and class count come from the data set."""
+
+    name: str = Field(description=f"one of {', '.join(MODEL_NAMES)}")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="model-specific keyword arguments (e.g. width, depth)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(MODEL_NAMES)}")
+        return v
+
+
+class DataConfig(_Strict):
+    """Which data set, where it lies (relative to the data root), and how it is batched."""
+
+    name: str = Field(description=f"one of {', '.join(DATASET_NAMES)}")
+    root: str = Field(
+        default="",
+        description="directory relative to the data root (no absolute paths, no '..')",
+    )
+    batch_size: int = Field(default=125, description="per-step global batch size")
+    augment: bool = Field(default=True, description="crop+flip+Cutout for images; ignored for 1-D")
+    num_train: int | None = Field(default=None, description="train on the first N samples only")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
+        return v
+
+    @field_validator("root")
+    @classmethod
+    def _relative_root(cls, v: str) -> str:
+        if "\\" in v:
+            raise ValueError("must use '/' separators")
+        path = PurePosixPath(v)
+        if path.is_absolute() or v.startswith("~"):
+            raise ValueError(f"must be relative to the data root, got absolute path {v!r}")
+        if ".." in path.parts:
+            raise ValueError(f"must not contain '..', got {v!r}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (got {v})")
+        return v
+
+    @field_validator("num_train")
+    @classmethod
+    def _num_train(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 when given (got {v})")
+        return v
+
+
+class OptimizerConfig(_Strict):
+    """The optimizer arm and its hyperparameters.
+
+    ``sgd`` is the base optimizer alone (one pass per step); ``sgd+`` is XSAM with α = 0;
+    ``sam`` is XSAM with α = 1 (k-step SAM when ``steps`` > 1); ``xsam`` uses ``alpha``
+    ("dynamic" by default: searched every ``search_every``).
+    """
+
+    name: Literal["sgd", "sgd+", "sam", "xsam"] = "xsam"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    nesterov: bool = False
+    rho: float = 0.15
+    steps: int = Field(default=1, description="ascent steps k")
+    alpha: float | Literal["dynamic"] = "dynamic"
+    rho_max: float | None = Field(default=None, description="probing radius; default 2·rho")
+    alpha_max: float = 2.0
+    alpha_delta: float = 0.1
+    search_every: Literal["epoch"] | int = Field(
+        default="epoch", description='"epoch" (first minibatch of each epoch) or a step count'
+    )
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"must be >= 0 (got {v})")
+        return v
+
+    @field_validator("rho")
+    @classmethod
+    def _rho(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"must be >= 0 (got {v})")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if not 1 <= v <= 100:
+            raise ValueError(f"must be in [1, 100] (got {v})")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and (not math.isfinite(v) or v < 0):
+            raise ValueError(f'must be "dynamic" or a number >= 0 (got {v})')
+        return v
+
+    @field_validator("alpha_max")
+    @classmethod
+    def _alpha_max(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @field_validator("alpha_delta")
+    @classmethod
+    def _alpha_delta(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @field_validator("search_every")
+    @classmethod
+    def _search_every(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f'must be "epoch" or a step count >= 1 (got {v})')
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> OptimizerConfig:
+        if self.rho_max is not None and (
+            not math.isfinite(self.rho_max) or self.rho_max < self.rho
+        ):
+            raise ValueError(f"rho_max: must be >= rho ({self.rho}) (got {self.rho_max})")
+        probes = alpha_probe_count(self.alpha_max, self.alpha_delta)
+        if probes > MAX_ALPHA_PROBES:
+            raise ValueError(
+                f"alpha_delta: alpha_max/alpha_delta gives {probes} α probes, "
+                f"at most {MAX_ALPHA_PROBES} allowed"
+            )
+        if isinstance(self.alpha, float | int) and self.alpha > self.alpha_max:
+            raise ValueError(f"alpha: must be <= alpha_max ({self.alpha_max}) (got {self.alpha})")
+        return self
+
+    @property
+    def effective_rho_max(self) -> float:
+        return 2 * self.rho if self.rho_max is None else self.rho_max
+
+    @property
+    def effective_alpha(self) -> float | str:
+        """α the optimizer runs with: fixed for the baselines, as configured for ``xsam``."""
+        return {"sgd+": 0.0, "sam": 1.0}.get(self.name, self.alpha)
+
+
+def alpha_probe_count(alpha_max: float, alpha_delta: float) -> int:
+    """Grid points 0, Δα, …, α_max (inclusive, robust to float rounding)."""
+    return math.floor(alpha_max / alpha_delta + 1e-9) + 1
+
+
+class ScheduleConfig(_Strict):
+    """How long to train and how the learning rate moves.
+
+    ``cosine`` anneals per epoch to 0; ``step`` multiplies by 0.1 at 50 % and 75 % of the
+    epochs; ``constant`` keeps it. ``warmup_epochs`` ramps linearly from lr/warmup first.
+    """
+
+    epochs: int = 200
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = 0
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: int) -> int:
+        if not 1 <= v <= MAX_EPOCHS:
+            raise ValueError(f"must be in [1, {MAX_EPOCHS}] (got {v})")
+        return v
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> ScheduleConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs: must be < epochs ({self.epochs}) (got {self.warmup_epochs})"
+            )
+        return self
+
+
+class ResourcesConfig(_Strict):
+    """What one run asks of the cluster: DDP ranks, and per rank a GPU and CPUs."""
+
+    num_workers: int = Field(default=1, description="DDP ranks (Ray Train workers)")
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if not 1 <= v <= 1024:
+            raise ValueError(f"must be in [1, 1024] (got {v})")
+        return v
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _cpus(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @property
+    def total_cpus(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def total_gpus(self) -> int:
+        return self.num_workers if self.use_gpu else 0
+
+
+class TrainConfig(_Strict):
+    """One training run. The service embeds this model unchanged as a job's ``config``."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = Field(default=1, description="evaluate on the test split every N epochs")
+    log_every: int = Field(default=10, description="report train metrics every N steps")
+
+    @field_validator("eval_every", "log_every")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1 (got {v})")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**63:
+            raise ValueError(f"must be in [0, 2**63) (got {v})")
+        return v
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One ``"field.path: reason"`` line per problem, for people rather than parsers."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        # A cross-field check names its field at the start of its message ("rho_max: …").
+        field = re.match(r"([a-z_]+): (.*)", msg, re.S)
+        if field:
+            loc = f"{loc}.{field[1]}" if loc else field[1]
+            msg = field[2]
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be read or is not a valid TrainConfig."""
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TrainConfig from a JSON or YAML file (chosen by extension; YAML otherwise)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    import yaml
+
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{path}: invalid config:\n  " + "\n  ".join(describe_errors(exc))
+        ) from exc
