@@ -1,0 +1,39 @@
+"""Errors a training run raises for reasons that a retry cannot fix.
+
+The agent classifies failures by these types: an `XsamError` (bad config, missing data, a model
+that cannot be built, a diverged run) ends the job `failed` with no retry; anything that kills a
+process or node is retried from the latest checkpoint while attempts remain. Each carries a
+stable ``code`` that the service shows as the job's ``error.type``.
+"""
+
+from __future__ import annotations
+
+
+class XsamError(Exception):
+    """A training run failed for a reason a retry cannot fix."""
+
+    code = "training_error"
+
+
+class ConfigurationError(XsamError):
+    """The run's configuration cannot be used (e.g. options a model does not accept)."""
+
+    code = "invalid_config"
+
+
+class DataError(XsamError):
+    """The data set is missing, unreadable or not in the expected layout."""
+
+    code = "data_error"
+
+
+class ModelError(XsamError):
+    """The model cannot be built for this data set."""
+
+    code = "model_error"
+
+
+class DivergedError(XsamError):
+    """The loss became NaN or infinite; the message names the step."""
+
+    code = "diverged"
