@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Keep every Ray process the tests start (and their children) on 127.0.0.1: without this Ray
+# resolves "127.0.0.1" to the machine's own interface address and talks over it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     try:
