@@ -1,0 +1,344 @@
+"""Per-step wall time of SGD, SAM (XSAM with α = 1) and XSAM (dynamic α), and XSAM's own cost.
+
+    python bench/step_time.py                      # 1-D CNN with BatchNorm, MNIST-1D shape
+    python bench/step_time.py --model resnet18     # CIFAR-shaped synthetic data
+    python bench/step_time.py --optimizer-only     # the optimizer alone, ResNet-18-sized params
+    python bench/step_time.py --count-ops          # aten ops one XSAM step issues by itself
+    python bench/step_time.py --device cuda        # any of the above on a GPU (skips without)
+
+Timing: every arm trains its own copy of the model on the same synthetic batches (batch 125);
+the arms run interleaved, one block of steps each per round, so that a slow spell of a shared
+machine hits all of them. XSAM searches α on the first step of each block and the per-step time
+charges one search per ``--search-every`` steps:
+``(t_search + (N − 1)·t_plain) / N``. Ratios are taken within each round, then the median over
+rounds is printed (a figure, not a pass/fail test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from xsam.optim import XSAM
+
+try:  # the project's model registry, when present
+    from xsam.models import build_model
+except ImportError:  # pragma: no cover - only before xsam/models.py existed
+    build_model = None
+
+
+def inline_cnn1d(channels: int = 32) -> nn.Module:
+    """Strided Conv1d–BN–ReLU ×3 and a linear head, for (1, 40) inputs and 10 classes."""
+    layers: list[nn.Module] = []
+    in_ch = 1
+    for i in range(3):
+        layers += [
+            nn.Conv1d(in_ch, channels, 5 if i == 0 else 3, stride=2, padding=2 if i == 0 else 1),
+            nn.BatchNorm1d(channels),
+            nn.ReLU(),
+        ]
+        in_ch = channels
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 5, 10))
+
+
+def make_model(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    shape = (1, 40) if name == "cnn1d" else (3, 32, 32)
+    if build_model is not None:
+        return build_model(name, input_shape=shape, num_classes=10), shape, "xsam.models"
+    if name == "cnn1d":
+        return inline_cnn1d(), shape, "inline (xsam.models not available)"
+    raise SystemExit(f"--model {name} needs xsam.models.build_model, which is not available")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_arms(model: nn.Module, args: argparse.Namespace) -> dict[str, tuple[nn.Module, object]]:
+    arms = {}
+    for name in ("SGD", "SAM", "XSAM"):
+        m = copy.deepcopy(model)
+        base = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        if name == "SGD":
+            opt = base
+        else:
+            alpha = 1.0 if name == "SAM" else "dynamic"
+            opt = XSAM(m.parameters(), base, rho=0.15, alpha=alpha, model=m)
+        arms[name] = (m, opt)
+    return arms
+
+
+def one_step(name: str, model: nn.Module, opt, x, y, search: bool) -> None:
+    def closure(backward: bool = True):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if backward:
+            loss.backward()
+        return loss
+
+    if name == "SGD":
+        closure()
+        opt.step()
+    else:
+        opt.step(closure, search_alpha=search)
+
+
+def time_training(args: argparse.Namespace, device: torch.device) -> None:
+    model, shape, source = make_model(args.model)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(args.batch, *shape, generator=gen).to(device),
+            torch.randint(0, 10, (args.batch,), generator=gen).to(device),
+        )
+        for _ in range(8)
+    ]
+    arms = make_arms(model, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = sum(1 for _ in model.parameters())
+    print(
+        f"model: {args.model} from {source}, {n_params:,} parameters in {n_tensors} tensors; "
+        f"batch {args.batch}, input {shape}, device {device}"
+    )
+    print(
+        f"rounds: {args.rounds} (+{args.warmup_rounds} warm-up), block: {args.block} steps per arm per round, "
+        f"XSAM searches once per {args.search_every} steps"
+    )
+
+    def run_block(name: str) -> dict[str, list[float]]:
+        m, opt = arms[name]
+        times: dict[str, list[float]] = {"wall": [], "cpu": []}
+        for i in range(args.block):
+            x, y = data[i % len(data)]
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            one_step(name, m, opt, x, y, search=name == "XSAM" and i == 0)
+            sync(device)
+            times["wall"].append(time.perf_counter() - t0)
+            times["cpu"].append(time.process_time() - c0)
+        return times
+
+    clocks = ("wall", "cpu")
+    per_step = {c: {name: [] for name in arms} for c in clocks}
+    ratios = {c: {"SAM/SGD": [], "XSAM/SGD": [], "XSAM/SAM": []} for c in clocks}
+    search_times: list[float] = []
+    names = list(arms)
+    for r in range(args.warmup_rounds + args.rounds):
+        order = names[r % 3 :] + names[: r % 3]  # rotate who goes first
+        got = {name: run_block(name) for name in order}
+        if r < args.warmup_rounds:
+            continue
+        search_times.append(got["XSAM"]["wall"][0])
+        for c in clocks:
+            t = {name: statistics.fmean(got[name][c]) for name in ("SGD", "SAM")}
+            xs = got["XSAM"][c]
+            plain = statistics.fmean(xs[1:]) if len(xs) > 1 else t["SAM"]
+            t["XSAM"] = (xs[0] + (args.search_every - 1) * plain) / args.search_every
+            for name in names:
+                per_step[c][name].append(t[name])
+            ratios[c]["SAM/SGD"].append(t["SAM"] / t["SGD"])
+            ratios[c]["XSAM/SGD"].append(t["XSAM"] / t["SGD"])
+            ratios[c]["XSAM/SAM"].append(t["XSAM"] / t["SAM"])
+
+    print()
+    print("| arm | median wall ms/step | median CPU ms/step |")
+    print("|---|---|---|")
+    for name in names:
+        wall, cpu = (1e3 * statistics.median(per_step[c][name]) for c in clocks)
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+    print(f"| (XSAM search step alone) | {1e3 * statistics.median(search_times):.2f} | |")
+    print()
+    print("| ratio | wall: median over rounds (min–max) | CPU time: median (min–max) |")
+    print("|---|---|---|")
+    for key in ratios["wall"]:
+        cells = [
+            f"{statistics.median(v):.3f} ({min(v):.2f}–{max(v):.2f})"
+            for v in (ratios[c][key] for c in clocks)
+        ]
+        print(f"| {key} | {cells[0]} | {cells[1]} |")
+
+
+def resnet18_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
+    """The 62 parameter shapes of a CIFAR ResNet-18 (11.17 M parameters)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 3, 3), (64,), (64,)]
+    in_ch = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first = block == 0
+            shapes += [(width, in_ch if first else width, 3, 3), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            if first and (stride != 1 or in_ch != width):
+                shapes += [(width, in_ch, 1, 1), (width,), (width,)]
+        in_ch = width
+    return [*shapes, (num_classes, 512), (num_classes,)]
+
+
+def fake_training(device: torch.device, foreach: bool | None, alpha, seed: int = 0):
+    """Parameters of ResNet-18's shapes, and a closure that only copies stored gradients in."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [
+        nn.Parameter(torch.randn(s, generator=gen).to(device) * 0.05) for s in resnet18_shapes()
+    ]
+    stored = [
+        [torch.randn(s, generator=gen).to(device) * 1e-3 for s in resnet18_shapes()]
+        for _ in range(2)
+    ]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    base = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt = XSAM(params, base, rho=0.15, alpha=alpha, foreach=foreach) if alpha is not None else base
+    calls = [0]
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        if backward:  # alternate between two gradients so that φ is not 0
+            torch._foreach_copy_([p.grad for p in params], stored[calls[0] % 2])
+            calls[0] += 1
+        return torch.zeros((), device=device)
+
+    return params, base, opt, closure
+
+
+def time_optimizer(args: argparse.Namespace, device: torch.device) -> None:
+    params, _, sgd, copy_grads = fake_training(device, None, None)
+    n = sum(p.numel() for p in params)
+    print(f"ResNet-18-sized parameters: {n:,} in {len(params)} tensors, device {device}")
+    calls: dict[str, Callable[[], object]] = {
+        "copy": copy_grads,
+        "sgd": lambda: (copy_grads(), sgd.step()),
+    }
+    for foreach in (True, False):
+        for alpha in (1.0, "dynamic"):
+            _, _, opt, closure = fake_training(device, foreach, alpha)
+            calls[f"XSAM α={alpha} foreach={foreach}"] = lambda o=opt, c=closure: o.step(c)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(args.repeats + 1):  # interleaved; the first round warms up
+        for name, call in calls.items():
+            sync(device)
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    base_step = t["sgd"] - t["copy"]
+    print()
+    print("| what | median ms | × SGD base step |")
+    print("|---|---|---|")
+    print(f"| gradient copy (the fake backward) | {1e3 * t['copy']:.2f} | |")
+    print(f"| SGD base step (momentum, weight decay) | {1e3 * base_step:.2f} | 1.00 |")
+    for name in list(calls)[2:]:
+        own = t[name] - 2 * t["copy"] - base_step  # k + 1 = 2 fake backwards
+        print(f"| {name}: own work | {1e3 * own:.2f} | {own / base_step:.2f} |")
+    _, _, opt, closure = fake_training(device, None, "dynamic")
+    opt.step(closure)
+    scratch = sum(t.numel() * t.element_size() for t in opt._theta0 + opt._disp)
+    momentum = sum(
+        st["momentum_buffer"].numel() * st["momentum_buffer"].element_size()
+        for st in opt.state.values()
+    )
+    print()
+    print(
+        f"memory beyond the base optimizer: {scratch / 2**20:.1f} MiB "
+        f"({scratch / (n * params[0].element_size()):.0f}× the parameters: θ₀ and the "
+        f"displacement); the base's momentum: {momentum / 2**20:.1f} MiB"
+    )
+
+
+def count_ops(args: argparse.Namespace, device: torch.device) -> None:
+    """Top-level aten ops of XSAM's own work in one step (closures and the base step excluded)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for search in (False, True):
+        _, _, opt, closure = fake_training(device, None, "dynamic")
+
+        def marked(backward: bool = True, closure=closure):
+            with record_function("closure"):
+                return closure(backward)
+
+        opt.step(marked)  # allocate the scratch buffers outside the profile
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
+            opt.step(marked, search_alpha=search)
+        excluded = ("closure", "Optimizer.step#SGD.step", "Optimizer.zero_grad")
+        counts: dict[str, int] = {}
+        for event in prof.events():
+            if not event.name.startswith("aten::"):
+                continue
+            parent, top, skip = event.cpu_parent, True, False
+            while parent is not None:
+                if parent.name.startswith("aten::"):
+                    top = False
+                if any(parent.name.startswith(e) for e in excluded):
+                    skip = True
+                parent = parent.cpu_parent
+            if top and not skip:
+                counts[event.name] = counts.get(event.name, 0) + 1
+        foreach = {k: v for k, v in counts.items() if k.startswith("aten::_foreach_")}
+        other = {k: v for k, v in counts.items() if k not in foreach}
+        kernels = ""
+        if device.type == "cuda":
+            n_kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            kernels = (
+                f"; CUDA kernels in the whole step (closures and base step included): {n_kernels}"
+            )
+        print(
+            f"XSAM step, k=1, {'with' if search else 'without'} α search "
+            f"(grid of {len(opt.alpha_grid)}): {sum(foreach.values())} foreach ops, "
+            f"{sum(other.values())} other aten ops (0-dim scalar math, stack, ...){kernels}"
+        )
+        print("  foreach: " + ", ".join(f"{k[6:]}×{v}" for k, v in sorted(foreach.items())))
+        print("  other:   " + ", ".join(f"{k[6:]}×{v}" for k, v in sorted(other.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn1d", choices=["cnn1d", "resnet18"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=125)
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (median over them)")
+    parser.add_argument("--warmup-rounds", type=int, default=1)
+    parser.add_argument("--block", type=int, default=32, help="steps per arm per round")
+    parser.add_argument("--search-every", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20, help="for --optimizer-only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--optimizer-only", action="store_true")
+    parser.add_argument("--count-ops", action="store_true")
+    args = parser.parse_args()
+    if not 1 <= args.block <= args.search_every:
+        parser.error("--block must be in [1, --search-every]")
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine; skipping.")
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs{gpu}; torch {torch.__version__}, {args.threads} thread(s)"
+    )
+    if args.count_ops:
+        count_ops(args, device)
+    elif args.optimizer_only:
+        time_optimizer(args, device)
+    else:
+        time_training(args, device)
+
+
+if __name__ == "__main__":
+    main()
