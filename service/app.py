@@ -1,0 +1,158 @@
+"""The FastAPI application factory, error translation, and the periodic lease reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import queue
+from service.body_limit import BodySizeLimit
+from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
+from service.deps import AppState
+from service.errors import ServiceError, http_status
+from service.observability import Instruments, RequestTimer
+from service.queue import LeasePolicy
+from service.routes import agent, health, jobs, tokens
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
+_FIELD_IN_MESSAGE = re.compile(r"^(?:Value error, )?([a-z_]+): ")
+
+
+def reap_once(state: AppState) -> int:
+    """One pass of the lease reaper; returns how many jobs it requeued, failed or cancelled."""
+    return len(run_in_transaction(state.writer, lambda s: queue.requeue_expired(s, state.policy)))
+
+
+async def _reap_forever(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.reaper_interval_s)
+        try:
+            await anyio.to_thread.run_sync(reap_once, state)
+        except Exception:
+            log.exception("lease reaper pass failed; retrying next interval")
+
+
+def _error(status: int, detail: str, code: str) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return _error(http_status(exc), exc.message, exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return JSONResponse(
+        {"detail": str(exc.detail), "code": code},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    # An echoed input may be inf or NaN, which strict JSON cannot carry.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = _json_safe(jsonable_encoder(exc.errors()))
+    for item in errors:
+        # A cross-field check names its field at the start of its message ("rho_max: …"):
+        # append it to loc so every error points at a field.
+        match = _FIELD_IN_MESSAGE.match(str(item.get("msg", "")))
+        loc = item.get("loc")
+        if match and isinstance(loc, list) and (not loc or loc[-1] != match[1]):
+            item["loc"] = [*loc, match[1]]
+    return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OperationalError)
+    log.warning("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+    response = _error(503, "the database is busy or unreachable; retry", "database_unavailable")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: `get_settings()`); the schema must be migrated."""
+    settings = settings or get_settings()
+    engine = make_engine(
+        settings.url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        busy_timeout_s=settings.sqlite_busy_timeout_s,
+    )
+    writer, reader = make_sessionmakers(engine)
+
+    def job_counts() -> dict[str, int]:
+        with reader() as session:
+            return queue.job_counts(session)
+
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        writer=writer,
+        reader=reader,
+        policy=LeasePolicy(
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            lease_timeout_s=settings.lease_s,
+            retry_backoff_s=settings.retry_backoff_s,
+            retry_backoff_max_s=settings.retry_backoff_max_s,
+        ),
+        instruments=Instruments(job_counts),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(_reap_forever(state)) if settings.run_reaper else None
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reaper
+            engine.dispose()
+
+    app = FastAPI(
+        title="XSAM training service",
+        version="1",
+        summary="Submit, watch and cancel XSAM training jobs; agents claim and run them.",
+        lifespan=lifespan,
+    )
+    app.state.xsam = state
+    for router in (jobs.router, agent.router, tokens.router, health.router):
+        app.include_router(router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestTimer, instruments=state.instruments)
+    return app

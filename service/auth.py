@@ -1,0 +1,114 @@
+"""Bearer tokens: roles, hashing, creation, lookup.
+
+A token is ``xsam_<random>``; the database keeps only its SHA-256, so a leaked database leaks no
+usable token, and lookup by hash needs no constant-time comparison. Revocation takes effect on
+the next request (nothing is cached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.engine import db_now
+from service.db.models import Token
+
+
+class Role(StrEnum):
+    """What a token may do."""
+
+    #: Submit, read and cancel its own jobs (the owner is the token's name).
+    USER = "user"
+    #: Call /v1/agent/*: claim jobs, heartbeat, ingest, finish.
+    AGENT = "agent"
+    #: Everything: every owner's jobs, the agent routes, and token management.
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the owner name their jobs carry, and their role."""
+
+    name: str
+    role: Role
+    token_id: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+def new_secret() -> str:
+    return "xsam_" + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(session: Session, name: str, role: Role) -> tuple[Token, str]:
+    """Store a new token; returns (row, secret) — the secret is never stored."""
+    secret = new_secret()
+    token = Token(
+        name=name, role=role.value, token_hash=hash_secret(secret), created_at=db_now(session)
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def ensure_token(session: Session, name: str, role: Role, secret: str) -> Token:
+    """Register an existing `secret` (e.g. the admin token file) unless it is already known."""
+    digest = hash_secret(secret)
+    token = session.scalars(select(Token).where(Token.token_hash == digest)).first()
+    if token is None:
+        token = Token(name=name, role=role.value, token_hash=digest, created_at=db_now(session))
+        session.add(token)
+        session.flush()
+    return token
+
+
+def authenticate(session: Session, secret: str, *, admin_secret: str | None) -> Principal | None:
+    """The principal for `secret`, or None when it is unknown or revoked."""
+    if admin_secret and hmac.compare_digest(secret.encode(), admin_secret.encode()):
+        return Principal(name="admin", role=Role.ADMIN)
+    token = session.scalars(
+        select(Token).where(Token.token_hash == hash_secret(secret), Token.revoked_at.is_(None))
+    ).first()
+    if token is None:
+        return None
+    return Principal(name=token.name, role=Role(token.role), token_id=token.id)
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Write `secret` to `path` readable by its owner only (mode 0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def provision_admin_token(session: Session, path: Path) -> str:
+    """The admin secret kept at `path` (mode 0600), created on first start and registered here.
+
+    A file left from an earlier database is registered again, so the CLI keeps working.
+    """
+    if path.is_file():
+        secret = path.read_text().strip()
+        if secret:
+            ensure_token(session, "admin", Role.ADMIN, secret)
+            return secret
+    _, secret = create_token(session, "admin", Role.ADMIN)
+    write_secret_file(path, secret)
+    return secret

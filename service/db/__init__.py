@@ -1,0 +1,1 @@
+"""Everything that knows SQL: the ORM tables, engines and sessions, and the migration runner."""

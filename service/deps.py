@@ -1,0 +1,100 @@
+"""FastAPI dependencies: database sessions, settings, and who is calling (`Annotated` style)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.auth import Principal, Role, authenticate
+from service.errors import PermissionDenied, Unauthenticated
+from service.observability import Instruments
+from service.queue import LeasePolicy
+from service.settings import Settings
+
+
+@dataclass
+class AppState:
+    """What one app instance holds: its settings, engine, session factories and instruments."""
+
+    settings: Settings
+    engine: Engine
+    writer: sessionmaker[Session]
+    reader: sessionmaker[Session]
+    policy: LeasePolicy
+    instruments: Instruments
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.xsam
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    """A writing session; the handler opens its one transaction with ``with session.begin():``.
+
+    The transaction must end inside the handler: this dependency's exit runs in another worker
+    thread, and a transaction holding SQLite's write lock until then could wait for a free
+    thread while every thread waits for that lock.
+    """
+    with state.writer() as session:
+        yield session
+
+
+def get_read_session(state: StateDep) -> Iterator[Session]:
+    """A reading session (on SQLite it never takes the write lock)."""
+    with state.reader() as session:
+        yield session
+        session.rollback()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
+
+
+def get_principal(request: Request, state: StateDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthenticated()
+    admin = state.settings.admin_token
+    with state.reader() as session:
+        principal = authenticate(
+            session, secret.strip(), admin_secret=admin.get_secret_value() if admin else None
+        )
+    if principal is None:
+        raise Unauthenticated("unknown or revoked token")
+    return principal
+
+
+#: Any valid token; jobs it submits are owned by its name, and it sees only those (admins: all).
+OwnerDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_agent(principal: OwnerDep) -> Principal:
+    if principal.role not in (Role.AGENT, Role.ADMIN):
+        raise PermissionDenied("only agent or admin tokens may call /v1/agent")
+    return principal
+
+
+def get_admin(principal: OwnerDep) -> Principal:
+    if principal.role is not Role.ADMIN:
+        raise PermissionDenied("only admin tokens may manage tokens")
+    return principal
+
+
+AgentDep = Annotated[Principal, Depends(get_agent)]
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -1,0 +1,98 @@
+"""Domain errors: the docstring is the default message, ``code`` is stable for clients.
+
+They are translated to HTTP in exactly one place, `HTTP_STATUS` (used by service/app.py).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """The request cannot be served."""
+
+    code = "error"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or self.code).strip()
+        super().__init__(self.message)
+
+
+class BadRequest(ServiceError):
+    """The request is malformed."""
+
+    code = "bad_request"
+
+
+class InvalidCursor(BadRequest):
+    """The pagination cursor is not one this server handed out."""
+
+    code = "invalid_cursor"
+
+
+class Unauthenticated(ServiceError):
+    """A valid bearer token is required (Authorization: Bearer <token>)."""
+
+    code = "unauthorized"
+
+
+class PermissionDenied(ServiceError):
+    """This token's role may not do that."""
+
+    code = "forbidden"
+
+
+class JobNotFound(ServiceError):
+    """No such job."""
+
+    code = "job_not_found"
+
+
+class TokenNotFound(ServiceError):
+    """No such token."""
+
+    code = "token_not_found"
+
+
+class ArtifactNotFound(ServiceError):
+    """The job has no such artifact."""
+
+    code = "artifact_not_found"
+
+
+class JobAlreadyFinished(ServiceError):
+    """The job has already finished."""
+
+    code = "job_finished"
+
+
+class LeaseLost(ServiceError):
+    """The lease is not (or no longer) held: the job was requeued, reclaimed or finished."""
+
+    code = "lease_lost"
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body is too large."""
+
+    code = "payload_too_large"
+
+
+#: The one translation table from domain errors to HTTP statuses (most specific class first).
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    InvalidCursor: 400,
+    BadRequest: 400,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    JobNotFound: 404,
+    TokenNotFound: 404,
+    ArtifactNotFound: 404,
+    JobAlreadyFinished: 409,
+    LeaseLost: 409,
+    PayloadTooLarge: 413,
+}
+
+
+def http_status(error: ServiceError) -> int:
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]  # type: ignore[index]
+    return 500

@@ -1,0 +1,385 @@
+"""The job queue, kept in the jobs table.
+
+Every function here runs inside one short transaction that its caller opens (see
+`service.db.engine.run_in_transaction`); none holds a transaction for the life of a job. Times
+come from the database's clock. A job is owned by an agent through its ``lease_token``: every
+heartbeat, ingest and finish names it, and an update that matches no row means the lease is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.engine import db_now
+from service.db.models import Job, JobTag
+from service.errors import JobAlreadyFinished, JobNotFound, LeaseLost
+from service.events import record_event
+from xsam.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life."""
+
+    #: Waiting for an agent with enough free capacity (and for its retry backoff to pass).
+    QUEUED = "queued"
+    #: Claimed by an agent that holds its lease and heartbeats; may have a cancel requested.
+    RUNNING = "running"
+    #: The run finished and its weights are at <artifacts_dir>/job-<id>/model.pt.
+    SUCCEEDED = "succeeded"
+    #: The run failed for good: the agent said so, or its lease expired with no attempts left.
+    FAILED = "failed"
+    #: Cancelled by its owner: at once while queued, or by the agent (or reaper) while running.
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How long a lease lasts and how a job whose lease expired is retried."""
+
+    heartbeat_interval_s: float = 5.0
+    lease_timeout_s: float = 15.0
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.lease_timeout_s)
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Delay before attempt ``attempt + 1`` may be claimed: exponential, capped."""
+        seconds = min(self.retry_backoff_s * 2 ** max(attempt - 1, 0), self.retry_backoff_max_s)
+        return timedelta(seconds=seconds)
+
+
+def enqueue(
+    session: Session,
+    *,
+    owner: str,
+    config: TrainConfig,
+    name: str | None = None,
+    priority: int = 0,
+    max_attempts: int = 3,
+    tags: list[str] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Add a job; returns (job, created). The same owner + idempotency key gives the same job."""
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, owner, idempotency_key)
+        if existing is not None:
+            return existing, False
+    now = db_now(session)
+    job = Job(
+        name=name,
+        owner=owner,
+        status=JobStatus.QUEUED.value,
+        config=config.model_dump(mode="json"),
+        priority=priority,
+        cpus=config.resources.total_cpus,
+        gpus=config.resources.total_gpus,
+        attempt=0,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        created_at=now,
+        cancel_requested=False,
+        tag_rows=[JobTag(tag=t) for t in dict.fromkeys(tags or [])],
+    )
+    try:
+        # A savepoint: on PostgreSQL a concurrent submit with the same key may win the insert.
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return existing, False
+    record_event(session, job.id, "queued", f"submitted by {owner}", now=now)
+    return job, True
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+    return session.scalars(stmt).first()
+
+
+def claim_next(
+    session: Session, *, agent_id: str, cpus: float, gpus: int, policy: LeasePolicy
+) -> Job | None:
+    """Claim the highest-priority, oldest queued job that fits (`cpus`, `gpus`), or None.
+
+    One statement: the candidate is locked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (so
+    concurrent claimers pass over each other's rows); SQLite's ``BEGIN IMMEDIATE`` serialises
+    writers instead. The attempt counter, a fresh lease token and the lease deadline are
+    written into the row in the same statement.
+    """
+    now = db_now(session)
+    candidate = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+            Job.cpus <= cpus,
+            Job.gpus <= gpus,
+        )
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    lease_token = secrets.token_hex(16)
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == candidate, Job.status == JobStatus.QUEUED.value)
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt=Job.attempt + 1,
+            lease_token=lease_token,
+            lease_expires_at=now + policy.lease,
+            agent_id=agent_id,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if claimed is None:
+        return None
+    job = session.get(Job, claimed, populate_existing=True)
+    assert job is not None
+    record_event(
+        session,
+        job.id,
+        "claimed",
+        f"claimed by agent {agent_id} (attempt {job.attempt} of {job.max_attempts})",
+        now=now,
+        data={"agent_id": agent_id, "attempt": job.attempt},
+    )
+    return job
+
+
+def hold_lease(
+    session: Session,
+    job_id: int,
+    lease_token: str,
+    policy: LeasePolicy,
+    *,
+    now: datetime | None = None,
+    **values: Any,
+) -> bool:
+    """Renew the lease of a running job and write `values`; returns its cancel_requested flag.
+
+    Raises `LeaseLost` (or `JobNotFound`) when no running row holds `lease_token`: the row is
+    locked by this update until commit, so the reaper cannot requeue it under the caller.
+    """
+    now = now or db_now(session)
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.lease_token == lease_token,
+            Job.status == JobStatus.RUNNING.value,
+        )
+        .values(lease_expires_at=now + policy.lease, **values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        if session.get(Job, job_id) is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        raise LeaseLost(f"job {job_id}: lease lost (requeued, reclaimed or finished)")
+    return bool(row[0])
+
+
+def heartbeat(
+    session: Session,
+    job_id: int,
+    lease_token: str,
+    policy: LeasePolicy,
+    *,
+    progress: dict[str, Any] | None = None,
+) -> bool:
+    """Extend the lease (and store progress); returns whether a cancel was requested."""
+    now = db_now(session)
+    values: dict[str, Any] = {}
+    if progress is not None:
+        values["progress"] = {**progress, "reported_at": now.isoformat()}
+    return hold_lease(session, job_id, lease_token, policy, now=now, **values)
+
+
+def finish(
+    session: Session,
+    job_id: int,
+    lease_token: str,
+    status: JobStatus,
+    *,
+    error: dict[str, Any] | None = None,
+) -> Job:
+    """End a running job as `status`; a replay of the same finish is accepted and changes nothing."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish status must be terminal, got {status!r}")
+    now = db_now(session)
+    if status is JobStatus.FAILED and error is None:
+        error = {"type": "failed", "message": "the agent reported a failure without a reason"}
+    updated = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.lease_token == lease_token,
+            Job.status == JobStatus.RUNNING.value,
+        )
+        .values(
+            status=status.value,
+            finished_at=now,
+            lease_expires_at=None,
+            error=error if status is JobStatus.FAILED else None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    if not updated:
+        if job.lease_token == lease_token and job.status == status.value:
+            return job  # the agent retried a finish whose reply it lost
+        raise LeaseLost(f"job {job_id}: lease lost (requeued, reclaimed or finished)")
+    if status is JobStatus.FAILED:
+        assert error is not None
+        message = f"failed: {error.get('type')}: {error.get('message')}"
+    else:
+        message = f"{status.value} (attempt {job.attempt})"
+    record_event(
+        session,
+        job_id,
+        status.value,
+        message,
+        now=now,
+        data={"attempt": job.attempt, "error": error},
+    )
+    return job
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Cancel `job` (already checked visible to the caller): queued at once, running on request."""
+    now = db_now(session)
+    # Lock the row: a concurrent claim either happened before (we see running) or skips it.
+    locked = session.scalars(
+        select(Job)
+        .where(Job.id == job.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+    status = JobStatus(locked.status)
+    if status in TERMINAL:
+        raise JobAlreadyFinished(f"job {locked.id} has already finished ({status.value})")
+    if status is JobStatus.QUEUED:
+        locked.status = JobStatus.CANCELLED.value
+        locked.finished_at = now
+        record_event(session, locked.id, "cancelled", "cancelled while queued", now=now)
+    elif not locked.cancel_requested:
+        locked.cancel_requested = True
+        record_event(
+            session,
+            locked.id,
+            "cancel_requested",
+            "cancel requested; the agent will stop the run",
+            now=now,
+        )
+    session.flush()
+    return locked
+
+
+def requeue_expired(session: Session, policy: LeasePolicy, *, limit: int = 100) -> list[Job]:
+    """Deal with running jobs whose lease expired (their heartbeats stopped).
+
+    A job with a cancel requested becomes cancelled; one with attempts left is requeued and may be
+    claimed again after a backoff; the others fail with ``{type: "lease_expired", ...}``.
+    Returns the jobs it changed.
+    """
+    now = db_now(session)
+    expired = list(
+        session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+            .order_by(Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    for job in expired:
+        gone = f"no heartbeat from agent {job.agent_id} for attempt {job.attempt}"
+        job.lease_token = None
+        job.lease_expires_at = None
+        if job.cancel_requested:
+            job.status = JobStatus.CANCELLED.value
+            job.finished_at = now
+            record_event(session, job.id, "cancelled", f"cancelled ({gone})", now=now)
+        elif job.attempt < job.max_attempts:
+            job.status = JobStatus.QUEUED.value
+            job.agent_id = None
+            job.not_before = now + policy.backoff(job.attempt)
+            record_event(
+                session,
+                job.id,
+                "requeued",
+                f"requeued: {gone}; attempt {job.attempt + 1} of {job.max_attempts} "
+                f"not before {job.not_before.isoformat()}",
+                now=now,
+                data={"attempt": job.attempt, "not_before": job.not_before.isoformat()},
+            )
+        else:
+            job.status = JobStatus.FAILED.value
+            job.finished_at = now
+            job.error = {
+                "type": "lease_expired",
+                "message": f"{gone}; all {job.max_attempts} attempts used",
+            }
+            record_event(
+                session,
+                job.id,
+                "failed",
+                f"failed: lease_expired: {job.error['message']}",
+                now=now,
+                data={"attempt": job.attempt, "error": job.error},
+            )
+        log.info("job %d: lease expired -> %s", job.id, job.status)
+    session.flush()
+    return expired
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based position of a queued job in claim order (priority, then age); None otherwise."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            or_(
+                Job.priority > job.priority,
+                (Job.priority == job.priority) & (Job.id < job.id),
+            ),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    """Number of jobs in each status (every status present, zeros included)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    counts = {s.value: 0 for s in JobStatus}
+    counts.update({status: int(n) for status, n in rows})
+    return counts

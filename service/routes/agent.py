@@ -1,0 +1,120 @@
+"""/v1/agent: what an agent calls — claim, heartbeat, ingest, finish (agent or admin tokens).
+
+Everything after the claim is fenced by the job's lease token: a stale token gets 409 and
+changes nothing, and the agent must stop that run.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service import events as event_log
+from service import metric_series, queue
+from service.db.engine import db_now
+from service.deps import AgentDep, SessionDep, StateDep
+from service.errors import PayloadTooLarge
+from service.queue import JobStatus
+from service.routes.jobs import job_public
+from service.schemas import (
+    ClaimPublic,
+    ClaimRequest,
+    EventsIngest,
+    FinishRequest,
+    HeartbeatPublic,
+    HeartbeatRequest,
+    IngestPublic,
+    JobPublic,
+    LeasePublic,
+    MetricsIngest,
+)
+
+router = APIRouter(prefix="/v1/agent", tags=["agent"])
+
+
+@router.post(
+    "/claim",
+    response_model=ClaimPublic,
+    responses={204: {"description": "no queued job fits the capacity"}},
+)
+def claim(
+    body: ClaimRequest, session: SessionDep, agent: AgentDep, state: StateDep
+) -> ClaimPublic | Response:
+    """Claim the highest-priority, oldest queued job that fits the capacity (204 when none)."""
+    with session.begin():
+        job = queue.claim_next(
+            session,
+            agent_id=body.agent_id,
+            cpus=body.capacity.cpus,
+            gpus=body.capacity.gpus,
+            policy=state.policy,
+        )
+        if job is None:
+            return Response(status_code=204)
+        assert job.lease_token is not None
+        return ClaimPublic(
+            job=job_public(session, job),
+            lease=LeasePublic(
+                attempt=job.attempt,
+                lease_token=job.lease_token,
+                heartbeat_interval_s=state.settings.heartbeat_interval_s,
+            ),
+        )
+
+
+@router.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatPublic)
+def heartbeat(
+    job_id: int, body: HeartbeatRequest, session: SessionDep, agent: AgentDep, state: StateDep
+) -> HeartbeatPublic:
+    """Extend the lease, store progress; the reply says whether the owner asked to cancel."""
+    progress = body.progress.model_dump() if body.progress else None
+    with session.begin():
+        cancel = queue.heartbeat(session, job_id, body.lease_token, state.policy, progress=progress)
+    return HeartbeatPublic(cancel_requested=cancel)
+
+
+@router.post("/jobs/{job_id}/finish", response_model=JobPublic)
+def finish(job_id: int, body: FinishRequest, session: SessionDep, agent: AgentDep) -> JobPublic:
+    """End the run as succeeded, failed (with an error) or cancelled."""
+    with session.begin():
+        job = queue.finish(
+            session,
+            job_id,
+            body.lease_token,
+            JobStatus(body.status),
+            error=body.error.model_dump() if body.error else None,
+        )
+        return job_public(session, job)
+
+
+@router.post("/jobs/{job_id}/metrics", response_model=IngestPublic)
+def ingest_metrics(
+    job_id: int, body: MetricsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+) -> IngestPublic:
+    """Store metric points; a point already stored (same name and step) is left as it is."""
+    limit = state.settings.max_ingest_points
+    if len(body.points) > limit:
+        raise PayloadTooLarge(f"{len(body.points)} points in one batch; at most {limit}")
+    points = [p.model_dump() for p in body.points]
+    with session.begin():
+        now = db_now(session)
+        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+        inserted = metric_series.ingest(session, job_id, points, now=now)
+    state.instruments.metric_points.inc(len(points))
+    return IngestPublic(received=len(points), inserted=inserted)
+
+
+@router.post("/jobs/{job_id}/events", response_model=IngestPublic)
+def ingest_events(
+    job_id: int, body: EventsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+) -> IngestPublic:
+    """Append events; one whose ``key`` this job already has is a replay and is dropped."""
+    limit = state.settings.max_ingest_events
+    if len(body.events) > limit:
+        raise PayloadTooLarge(f"{len(body.events)} events in one batch; at most {limit}")
+    events = [e.model_dump() for e in body.events]
+    with session.begin():
+        now = db_now(session)
+        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+        inserted = event_log.record_events(session, job_id, events, now=now)
+    state.instruments.events.inc(len(events))
+    return IngestPublic(received=len(events), inserted=inserted)

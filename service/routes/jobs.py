@@ -1,0 +1,210 @@
+"""/v1/jobs: submit, list, read, cancel jobs; their metrics, events and trained weights."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import events as event_log
+from service import metric_series, queue
+from service.auth import Principal
+from service.db.models import Job, JobTag
+from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
+from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
+from service.queue import JobStatus
+from service.schemas import (
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    LatestMetricsPublic,
+    MetricsPublic,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+#: Most jobs one page may hold; a larger ``limit`` is a 422.
+MAX_PAGE_LIMIT = 200
+
+
+def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
+    """The job, if the caller may see it; another owner's job is indistinguishable from none."""
+    job = session.get(Job, job_id)
+    if job is None or (not principal.is_admin and job.owner != principal.name):
+        raise JobNotFound(f"job {job_id} not found")
+    return job
+
+
+def job_public(session: Session, job: Job) -> JobPublic:
+    return JobPublic.from_job(
+        job,
+        latest_metrics=metric_series.latest(session, [job.id])[job.id],
+        queue_position=queue.queue_position(session, job),
+    )
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def submit_job(
+    body: JobCreate,
+    session: SessionDep,
+    owner: OwnerDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Queue a job. A repeated ``Idempotency-Key`` from the same owner returns the first job (200)."""
+    with session.begin():
+        job, created = queue.enqueue(
+            session,
+            owner=owner.name,
+            config=body.config,
+            name=body.name,
+            priority=body.priority,
+            max_attempts=body.max_attempts,
+            tags=body.tags,
+            idempotency_key=idempotency_key,
+        )
+        if not created:
+            response.status_code = 200
+        return job_public(session, job)
+
+
+def _encode_cursor(job_id: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{job_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = raw.partition(":")
+        if prefix != "id":
+            raise ValueError(raw)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidCursor(f"invalid cursor {cursor!r}") from None
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: ReadSessionDep,
+    owner: OwnerDep,
+    status: JobStatus | None = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> JobsPublic:
+    """Jobs newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    stmt = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if not owner.is_admin:
+        stmt = stmt.where(Job.owner == owner.name)
+    if status is not None:
+        stmt = stmt.where(Job.status == status.value)
+    if tag is not None:
+        stmt = stmt.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
+    if cursor:
+        stmt = stmt.where(Job.id < _decode_cursor(cursor))
+    jobs = list(session.scalars(stmt))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    latest = metric_series.latest(session, [j.id for j in jobs])
+    items = [
+        JobPublic.from_job(
+            j, latest_metrics=latest[j.id], queue_position=queue.queue_position(session, j)
+        )
+        for j in jobs
+    ]
+    return JobsPublic(items=items, next_cursor=_encode_cursor(jobs[-1].id) if more else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: int, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
+    """One job with its progress, latest metrics, error and queue position."""
+    return job_public(session, visible_job(session, owner, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep, owner: OwnerDep) -> JobPublic:
+    """Queued: cancelled at once. Running: the agent is told and ends it ``cancelled``."""
+    with session.begin():
+        job = queue.cancel(session, visible_job(session, owner, job_id))
+        return job_public(session, job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+def get_metrics(
+    job_id: int,
+    session: ReadSessionDep,
+    owner: OwnerDep,
+    names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
+    since_step: Annotated[int | None, Query(ge=0)] = None,
+    until_step: Annotated[int | None, Query(ge=0)] = None,
+    max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+) -> MetricsPublic:
+    """Series per name; longer ones are downsampled into buckets (min, max, mean, last)."""
+    visible_job(session, owner, job_id)
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
+    series = metric_series.query(
+        session,
+        job_id,
+        names=wanted,
+        since_step=since_step,
+        until_step=until_step,
+        max_points=max_points,
+    )
+    return MetricsPublic.model_validate({"job_id": job_id, "series": series})
+
+
+@router.get("/{job_id}/metrics/latest", response_model=LatestMetricsPublic)
+def get_latest_metrics(
+    job_id: int, session: ReadSessionDep, owner: OwnerDep
+) -> LatestMetricsPublic:
+    """The newest point of every series."""
+    visible_job(session, owner, job_id)
+    latest = metric_series.latest(session, [job_id])[job_id]
+    return LatestMetricsPublic.model_validate({"job_id": job_id, "metrics": latest})
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def get_events(
+    job_id: int,
+    session: ReadSessionDep,
+    owner: OwnerDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> EventsPublic:
+    """Events with id > ``after``, in order; pass ``next_after`` back to resume."""
+    visible_job(session, owner, job_id)
+    rows = event_log.list_events(session, job_id, after=after, limit=limit)
+    return EventsPublic(
+        items=[
+            EventPublic(id=e.id, time=e.time, type=e.type, message=e.message, data=e.data)
+            for e in rows
+        ],
+        next_after=rows[-1].id if rows else after,
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/model",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_model(
+    job_id: int, session: ReadSessionDep, owner: OwnerDep, settings: SettingsDep
+) -> FileResponse:
+    """The trained weights (a state_dict file) of a succeeded job."""
+    job = visible_job(session, owner, job_id)
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise ArtifactNotFound(f"job {job_id} is {job.status}; weights exist once it succeeded")
+    path = settings.artifacts_path / f"job-{job_id}" / "model.pt"
+    if not path.is_file():
+        raise ArtifactNotFound(f"job {job_id} succeeded but its weights file is missing")
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"job-{job_id}-model.pt"
+    )

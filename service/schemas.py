@@ -1,0 +1,269 @@
+"""Request and response bodies of REST API v1 (DESIGN.md); field names are the contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.db.models import Job
+from xsam.config import TrainConfig
+
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=+-]+$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorPublic(BaseModel):
+    detail: str
+    code: str
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+class JobCreate(_In):
+    """A job submission: the training config (validated by TrainConfig) and queue options."""
+
+    name: str | None = Field(default=None, max_length=200)
+    config: TrainConfig
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher is claimed first")
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    fraction: float | None = None
+    eta_s: float | None = None
+
+
+class ErrorInfo(BaseModel):
+    type: str = Field(max_length=200)
+    message: str = Field(default="", max_length=20_000)
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+    epoch: int | None = None
+    time: datetime | None = None
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str | None
+    owner: str
+    status: str
+    config: dict[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    tags: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress | None
+    latest_metrics: dict[str, MetricPoint]
+    error: ErrorInfo | None
+    queue_position: int | None
+    cancel_requested: bool
+
+    @classmethod
+    def from_job(
+        cls,
+        job: Job,
+        *,
+        latest_metrics: dict[str, dict[str, Any]] | None = None,
+        queue_position: int | None = None,
+    ) -> JobPublic:
+        return cls(
+            id=job.id,
+            name=job.name,
+            owner=job.owner,
+            status=job.status,
+            config=job.config,
+            priority=job.priority,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            tags=job.tags,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            progress=progress_of(job),
+            latest_metrics=latest_metrics or {},
+            error=ErrorInfo(**job.error) if job.error else None,
+            queue_position=queue_position,
+            cancel_requested=job.cancel_requested,
+        )
+
+
+def progress_of(job: Job) -> Progress | None:
+    """The stored progress plus fraction done and an ETA from the time elapsed since start."""
+    raw = job.progress
+    if not raw:
+        return None
+    p = Progress(**{k: raw.get(k) for k in ("epoch", "epochs", "step", "steps")})
+    if p.steps and p.step is not None:
+        p.fraction = min(max(p.step / p.steps, 0.0), 1.0)
+    elif p.epochs and p.epoch is not None:
+        p.fraction = min(max(p.epoch / p.epochs, 0.0), 1.0)
+    reported = raw.get("reported_at")
+    if p.fraction and job.started_at and reported:
+        elapsed = (datetime.fromisoformat(reported) - job.started_at).total_seconds()
+        if elapsed >= 0:
+            p.eta_s = round(elapsed * (1 - p.fraction) / p.fraction, 3)
+    return p
+
+
+class JobsPublic(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+# --- metrics and events ----------------------------------------------------------------------
+
+
+class BucketPoint(MetricPoint):
+    """A downsampled point: `step`/`value` are the bucket's last point."""
+
+    min: float
+    max: float
+    mean: float
+    count: int
+    step_min: int
+    step_max: int
+
+
+class MetricsPublic(BaseModel):
+    job_id: int
+    series: dict[str, list[BucketPoint | MetricPoint]]
+
+
+class LatestMetricsPublic(BaseModel):
+    job_id: int
+    metrics: dict[str, MetricPoint]
+
+
+class EventPublic(BaseModel):
+    id: int
+    time: datetime
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class EventsPublic(BaseModel):
+    items: list[EventPublic]
+    next_after: int
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+class TokenCreate(_In):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["user", "agent", "admin"] = "user"
+
+
+class TokenPublic(BaseModel):
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TokenCreated(BaseModel):
+    id: int
+    name: str
+    role: str
+    token: str
+
+
+class TokensPublic(BaseModel):
+    items: list[TokenPublic]
+
+
+# --- agent side ------------------------------------------------------------------------------
+
+
+class Capacity(_In):
+    cpus: float = Field(ge=0)
+    gpus: int = Field(ge=0)
+
+
+class ClaimRequest(_In):
+    agent_id: str = Field(min_length=1, max_length=200)
+    capacity: Capacity
+
+
+class LeasePublic(BaseModel):
+    attempt: int
+    lease_token: str
+    heartbeat_interval_s: float
+
+
+class ClaimPublic(BaseModel):
+    job: JobPublic
+    lease: LeasePublic
+
+
+class ProgressIn(_In):
+    epoch: int | None = Field(default=None, ge=0)
+    epochs: int | None = Field(default=None, ge=0)
+    step: int | None = Field(default=None, ge=0)
+    steps: int | None = Field(default=None, ge=0)
+
+
+class HeartbeatRequest(_In):
+    lease_token: str = Field(max_length=64)
+    progress: ProgressIn | None = None
+
+
+class HeartbeatPublic(BaseModel):
+    cancel_requested: bool
+
+
+class FinishRequest(_In):
+    lease_token: str = Field(max_length=64)
+    status: Literal["succeeded", "failed", "cancelled"]
+    error: ErrorInfo | None = None
+
+
+class PointIn(_In):
+    name: str = Field(min_length=1, max_length=128)
+    step: int = Field(ge=0, lt=2**63)
+    # NaN/inf are refused: SQLite cannot store NaN; report a diverged run as an event/failure.
+    value: float = Field(allow_inf_nan=False)
+    epoch: int | None = Field(default=None, ge=0)
+    time: datetime | None = None
+
+
+class MetricsIngest(_In):
+    lease_token: str = Field(max_length=64)
+    points: list[PointIn]
+
+
+class EventIn(_In):
+    type: str = Field(min_length=1, max_length=64)
+    message: str = Field(default="", max_length=20_000)
+    data: dict[str, Any] | None = None
+    key: str | None = Field(default=None, max_length=200)
+    time: datetime | None = None
+
+
+class EventsIngest(_In):
+    lease_token: str = Field(max_length=64)
+    events: list[EventIn]
+
+
+class IngestPublic(BaseModel):
+    received: int
+    inserted: int

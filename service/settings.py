@@ -1,0 +1,93 @@
+"""The service's settings: environment variables with the ``XSAM_`` prefix (or a ``.env`` file).
+
+Read through the cached `get_settings()`, never at import time, so tests and `xsam serve` can
+build a `Settings` of their own and hand it to `create_app(settings)`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path("~/.xsam").expanduser()
+
+
+class Settings(BaseSettings):
+    """Everything the API reads from its environment (``XSAM_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="XSAM_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="state directory (SQLite, admin token)"
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite under data_dir"
+    )
+    artifacts_dir: Path | None = Field(
+        default=None, description="where job-<id>/model.pt lie; default <data_dir>/artifacts"
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="accepted as an admin bearer token when set"
+    )
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    lease_timeout_s: float | None = Field(
+        default=None, gt=0, description="heartbeat deadline; default 3 heartbeat intervals"
+    )
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    retry_backoff_s: float = Field(
+        default=5.0, ge=0, description="requeue delay after attempt n: backoff * 2**(n-1)"
+    )
+    retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_ingest_points: int = Field(default=5000, gt=0)
+    max_ingest_events: int = Field(default=1000, gt=0)
+    db_pool_size: int = Field(default=20, gt=0)
+    db_max_overflow: int = Field(default=40, ge=0)
+    sqlite_busy_timeout_s: float = Field(default=60.0, gt=0)
+    run_reaper: bool = Field(default=True, description="run requeue_expired periodically")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'xsam.db'}"
+        if self.artifacts_dir is None:
+            self.artifacts_dir = self.data_dir / "artifacts"
+        if self.lease_timeout_s is None:
+            self.lease_timeout_s = 3 * self.heartbeat_interval_s
+        if self.lease_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_timeout_s: must be > heartbeat_interval_s ({self.heartbeat_interval_s})"
+                f" (got {self.lease_timeout_s})"
+            )
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def lease_s(self) -> float:
+        assert self.lease_timeout_s is not None
+        return self.lease_timeout_s
+
+    @property
+    def artifacts_path(self) -> Path:
+        assert self.artifacts_dir is not None
+        return self.artifacts_dir
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
