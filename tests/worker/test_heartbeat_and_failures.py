@@ -1,0 +1,103 @@
+"""The heartbeat thread (cancel, lease loss, outages) and failure classification."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.client import LeaseLost, ServiceUnreachable
+from worker.failures import classify
+from worker.heartbeat import Heartbeats, Lease
+from xsam.errors import DataError, DivergedError
+
+
+class FakeAgentApi:
+    def __init__(self, replies):
+        self.replies = list(replies)  # a dict reply, or an exception to raise
+        self.beats: list[tuple[int, dict | None]] = []
+
+    def heartbeat(self, job_id, lease_token, progress=None):
+        self.beats.append((job_id, progress))
+        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+def _wait(event: threading.Event, timeout: float = 5.0) -> bool:
+    return event.wait(timeout)
+
+
+def test_cancel_requested_is_passed_on_once_with_progress_sent():
+    api = FakeAgentApi([{"cancel_requested": False}, {"cancel_requested": True}])
+    cancelled, lost = threading.Event(), threading.Event()
+    calls = []
+    beats = Heartbeats(api, max_interval=0.05).start()
+    beats.add(Lease(7, "t", 5.0, on_cancel=lambda: (calls.append(1), cancelled.set()),
+                    on_lost=lost.set, progress=lambda: {"step": 3}))  # fmt: skip
+    assert _wait(cancelled)
+    time.sleep(0.3)
+    beats.stop()
+    assert calls == [1] and not lost.is_set()
+    assert api.beats[0] == (7, {"step": 3}) and len(api.beats) >= 3  # interval capped at 0.05
+
+
+def test_a_lost_lease_stops_its_heartbeats():
+    api = FakeAgentApi([LeaseLost(409, "lease_lost", "gone")])
+    lost = threading.Event()
+    beats = Heartbeats(api, max_interval=0.05).start()
+    beats.add(Lease(7, "t", 1.0, on_cancel=lambda: None, on_lost=lost.set))
+    assert _wait(lost)
+    time.sleep(0.2)
+    beats.stop()
+    assert len(api.beats) == 1 and beats.held() == []
+
+
+def test_an_unreachable_service_is_retried():
+    api = FakeAgentApi(
+        [ServiceUnreachable(0, "unreachable", "down")] * 2 + [{"cancel_requested": True}]
+    )
+    cancelled = threading.Event()
+    beats = Heartbeats(api, max_interval=0.01).start()
+    beats.add(Lease(1, "t", 0.01, on_cancel=cancelled.set, on_lost=lambda: None))
+    assert _wait(cancelled, 10)
+    beats.stop()
+
+
+class WorkerGroupErrorLike(Exception):
+    """Shaped like ray.train.WorkerGroupError: per-rank exceptions in worker_failures."""
+
+    def __init__(self, failures):
+        super().__init__("Training failed due to worker errors")
+        self.worker_failures = failures
+
+
+@pytest.mark.parametrize(
+    ("exc", "retryable", "code"),
+    [
+        # a rank raised an XsamError, wrapped by Ray Train
+        (WorkerGroupErrorLike({0: DivergedError("loss became nan at step 5")}), False, "diverged"),
+        # an unexpected exception of ours or Ray's: an infrastructure failure
+        (RuntimeError("object store full"), True, "infrastructure_error"),
+        # a rank's process died: nothing of ours inside
+        (WorkerGroupErrorLike({1: RuntimeError("worker died")}), True, "infrastructure_error"),
+        # rank 1 lost, rank 0 raised a data error: the data error decides
+        (WorkerGroupErrorLike({0: DataError("no cifar"), 1: OSError("x")}), False, "data_error"),
+    ],
+)
+def test_classify(exc, retryable, code):
+    failure = classify(exc)
+    assert (failure.retryable, failure.type) == (retryable, code)
+
+
+def test_classify_follows_causes():
+    try:
+        try:
+            raise DataError("data set missing at /x")
+        except DataError as inner:
+            raise RuntimeError("ray task failed") from inner
+    except RuntimeError as outer:
+        failure = classify(outer)
+    assert failure.as_error() == {"type": "data_error", "message": "data set missing at /x"}

@@ -1,0 +1,107 @@
+"""`xsam submit|list|status|watch|metrics|cancel` against a stand-in API (httpx MockTransport),
+and their one-line errors when the service is unreachable or refuses."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+import service.client
+from xsam.cli import main
+
+JOB = {
+    "id": 4, "name": "demo", "owner": "admin", "status": "running", "attempt": 1,
+    "max_attempts": 3, "tags": [], "priority": 0, "created_at": "2026-01-01T00:00:00Z",
+    "started_at": None, "finished_at": None, "error": None, "queue_position": None,
+    "cancel_requested": False,
+    "config": {"model": {"name": "cnn1d"}, "data": {"name": "mnist1d"}, "optimizer": {"name": "xsam"}},
+    "progress": {"epoch": 2, "epochs": 3, "step": 20, "steps": 30},
+    "latest_metrics": {"train/loss": {"step": 20, "value": 0.5, "epoch": 2, "time": "t"}},
+}  # fmt: skip
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    """Route the CLI's XsamClient to a handler; returns the list of requests seen."""
+    seen: list[httpx.Request] = []
+    state = {"polls": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path
+        if path == "/v1/jobs" and request.method == "POST":
+            body = json.loads(request.content)
+            return httpx.Response(201, json={**JOB, "status": "queued", "config": body["config"],
+                                             "queue_position": 1})  # fmt: skip
+        if path == "/v1/jobs":
+            return httpx.Response(200, json={"items": [JOB], "next_cursor": None})
+        if path == "/v1/jobs/4":
+            state["polls"] += 1
+            status = "succeeded" if state["polls"] > 2 else "running"
+            return httpx.Response(200, json={**JOB, "status": status})
+        if path == "/v1/jobs/4/metrics":
+            points = [{"step": s, "value": 1.0 / s, "epoch": 1, "time": "t"} for s in (1, 2)]
+            return httpx.Response(200, json={"job_id": 4, "series": {"train/loss": points}})
+        if path == "/v1/jobs/4/cancel":
+            return httpx.Response(409, json={"detail": "job 4 has already finished", "code": "job_finished"})  # fmt: skip
+        return httpx.Response(
+            404, json={"detail": f"job not found: {path}", "code": "job_not_found"}
+        )
+
+    real = service.client.XsamClient
+
+    def client(base_url, token, **kwargs):
+        return real(base_url, token, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(service.client, "XsamClient", client)
+    monkeypatch.setenv("XSAM_TOKEN", "t")
+    return seen
+
+
+def test_submit_prints_the_job_id(fake_api, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("model: {name: mlp}\ndata: {name: digits}\n")
+    assert main(["submit", str(config), "--name", "x", "--tag", "a", "--tag", "b"]) == 0
+    assert capsys.readouterr().out.strip() == "4"
+    body = json.loads(fake_api[-1].content)
+    assert body["name"] == "x" and body["tags"] == ["a", "b"]
+    assert body["config"]["model"]["name"] == "mlp"
+
+
+def test_list_status_metrics(fake_api, capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "epoch 2/3" in out
+    assert main(["status", "4"]) == 0
+    assert "train/loss" in capsys.readouterr().out
+    assert main(["metrics", "4", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "name,step,epoch,value", "train/loss,1,1,1.0", "train/loss,2,1,0.5",
+    ]  # fmt: skip
+
+
+def test_watch_follows_until_the_job_ends(fake_api, capsys):
+    assert main(["watch", "4", "--interval", "0.01"]) == 0
+    assert "job 4 succeeded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        # the service refuses: one line with its detail and code
+        (["cancel", "4"], 1, "already finished (job_finished, HTTP 409)"),
+        (["status", "99"], 1, "not found"),
+    ],
+)
+def test_errors_are_one_line(fake_api, capsys, argv, code, message):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreachable_service_is_one_line(capsys):
+    assert main(["list", "--server", "http://127.0.0.1:9", "--token", "t"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == "xsam list: cannot reach the XSAM service at http://127.0.0.1:9 (is `xsam serve` running?)"  # fmt: skip

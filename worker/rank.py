@@ -1,0 +1,120 @@
+"""What every rank of a job runs under Ray Train: xsam.training.fit, wired to the service.
+
+Ray Train has already initialised torch.distributed (gloo on CPU, NCCL on GPU) when
+`train_on_rank` starts. Each rank polls the job's control actor for a stop request (cancel,
+shutdown, lease lost); rank 0 also reports metrics and events through a `Reporter` and writes the
+run's outcome to the control actor. The checkpoint lives at ``<checkpoint_dir>/checkpoint.pt``
+(shared storage): a restarted worker group, or the job's next attempt, resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+
+from worker.control import LEASE_LOST, NAMESPACE, StopFlag
+
+log = logging.getLogger(__name__)
+
+#: Beside checkpoint.pt: the reports not yet delivered when it was written.
+UNDELIVERED = "undelivered.json"
+#: Seconds rank 0 keeps trying to deliver its last reports before handing them to the agent.
+FINAL_FLUSH_S = 5.0
+
+
+def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
+    from service.client import XsamClient
+    from worker.reporter import Reporter
+    from xsam.config import TrainConfig
+    from xsam.errors import XsamError
+    from xsam.training import fit
+
+    rank = ray.train.get_context().get_world_rank()
+    control = ray.get_actor(spec["control"], namespace=NAMESPACE)
+    previous = ray.get(control.outcome.remote())
+    if previous is not None and previous.get("status") == "failed":
+        return None  # a restarted group after a failure that no retry can fix: do nothing
+
+    reporter: Reporter | None = None
+    if rank == 0:
+        client = XsamClient(spec["server"], spec["token"], timeout=10)
+        reporter = Reporter(
+            client,
+            spec["job_id"],
+            spec["lease_token"],
+            interval=spec.get("report_interval_s", 1.0),
+            on_progress=lambda p: control.set_progress.remote(p),
+            # Unique per reporter: a worker group that Ray restarts within the attempt has one
+            # of its own, so its "started (resumed …)" is not taken for a replay.
+            key_prefix=f"attempt-{spec['attempt']}-{uuid.uuid4().hex[:8]}",
+        ).start()
+
+    def on_reason(reason: str) -> None:
+        if reason == LEASE_LOST and reporter is not None:
+            reporter.lose_lease()
+
+    stop = StopFlag(control, interval=spec.get("stop_poll_s", 0.5), on_reason=on_reason).start()
+    checkpoint_dir = Path(spec["checkpoint_dir"])
+    checkpoint = checkpoint_dir / "checkpoint.pt"
+    undelivered = checkpoint_dir / UNDELIVERED
+    report = None
+    if reporter is not None:
+        if checkpoint.exists() and undelivered.exists():
+            reporter.replay(json.loads(undelivered.read_text()))
+
+        def persist(*_: Any) -> None:
+            # Written before fit's epoch checkpoint (at epoch_done) and after a stop's: the
+            # records a checkpoint covers are always delivered or on disk beside it.
+            tmp = undelivered.with_suffix(".part")
+            tmp.write_text(json.dumps(reporter.snapshot()))
+            tmp.replace(undelivered)
+
+        def report(record: dict[str, Any]) -> None:
+            reporter(record)
+            if record.get("type") == "epoch_done":
+                persist()
+
+    try:
+        summary = fit(
+            TrainConfig.model_validate(spec["config"]),
+            report=report,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=checkpoint if checkpoint.exists() else None,
+            on_checkpoint=persist if reporter is not None else None,
+            should_stop=lambda: stop.is_set() or (reporter is not None and reporter.lease_lost),
+            data_root=spec.get("data_root"),
+            weights_out=spec["weights_out"] if rank == 0 else None,
+        )
+    except XsamError as exc:
+        # No retry can fix this: record the classification and return normally, so that Ray
+        # Train does not restart the group; the agent finishes the job `failed`.
+        left = reporter.close(FINAL_FLUSH_S) if reporter is not None else None
+        error = {"type": exc.code, "message": str(exc)}
+        ray.get(control.set_outcome.remote({"status": "failed", "error": error, "rank": rank,
+                                            "undelivered": left}))  # fmt: skip
+        return None
+    except BaseException:
+        if reporter is not None:
+            reporter.close(FINAL_FLUSH_S)
+        raise
+    finally:
+        stop.close()
+    if reporter is None:
+        return None
+    left = reporter.close(FINAL_FLUSH_S)
+    outcome = {
+        "status": summary["status"],  # "completed" or "stopped"
+        "stop_reason": stop.reason,
+        "summary": {k: v for k, v in summary.items() if k != "metrics"},
+        "metrics": summary.get("metrics", {}),
+        "undelivered": None if reporter.lease_lost else left,
+    }
+    ray.get(control.set_outcome.remote(outcome))
+    return outcome

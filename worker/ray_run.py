@@ -1,0 +1,252 @@
+"""One job attempt on Ray: a TorchTrainer whose every rank runs `worker.rank.train_on_rank`.
+
+`JobRun.run()` (in the agent's thread for this job) creates the job's control actor, starts
+``trainer.fit()`` in a thread of its own, and watches the control actor for rank 0's outcome.
+It returns as soon as the outcome is known (so the agent can finish the job within seconds of
+a cancel) and `JobRun.wait_released()` then waits for Ray Train to give the resources back,
+aborting the run's controller if it does not.
+
+Ray Train layout: ``RunConfig(name=f"job-{id}", storage_path=<storage>)`` puts Ray's run
+directory at ``<storage>/job-<id>/``, beside our own ``checkpoint.pt``, which fit() writes every
+epoch and on a stop; a worker group that Ray restarts (``FailureConfig(max_failures)``) and the
+job's next attempt both resume from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
+
+from worker.control import ABORT, CANCEL, LEASE_LOST, NAMESPACE, JobControl, control_name
+from worker.failures import Failure, classify
+from worker.rank import train_on_rank
+from xsam.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """What every job run of an agent shares."""
+
+    server: str
+    token: str
+    storage_path: Path
+    artifacts_dir: Path
+    data_root: str | None = None
+    agent_id: str = "agent"
+    max_failures: int = 1
+    report_interval_s: float = 1.0
+    stop_poll_s: float = 0.5
+
+
+@dataclass
+class RunResult:
+    """How the attempt ended, from the agent's point of view.
+
+    ``status``: ``succeeded``, ``failed`` (not retryable), ``stopped`` (cancel, shutdown or
+    lease lost: see ``stop_reason``) or ``infrastructure`` (retryable: Ray gave up).
+    """
+
+    status: str
+    stop_reason: str | None = None
+    error: dict[str, str] | None = None
+    undelivered: dict[str, list[dict[str, Any]]] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _RememberController(ControllerCallback):
+    """Runs inside Ray Train's controller actor: hands its handle to the job's control actor,
+    so that the agent can abort a run whose ranks do not stop."""
+
+    def __init__(self, control: str) -> None:
+        self.control = control
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        try:
+            handle = ray.get_runtime_context().current_actor
+            control = ray.get_actor(self.control, namespace=NAMESPACE)
+            ray.get(control.set_controller.remote(handle), timeout=30)
+        except Exception:  # only the abort fallback is lost; never fail the run for it
+            log.warning("could not register the controller with %s", self.control, exc_info=True)
+
+
+def scaling_for(config: TrainConfig) -> ScalingConfig:
+    res = config.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = 1
+    return ScalingConfig(
+        num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
+    )
+
+
+class JobRun:
+    """One claimed job attempt, from the TorchTrainer's start to the resources' release."""
+
+    def __init__(self, job: dict[str, Any], lease: dict[str, Any], settings: RunSettings) -> None:
+        self.job_id = int(job["id"])
+        self.attempt = int(lease["attempt"])
+        self.lease_token = str(lease["lease_token"])
+        self.max_attempts = int(job.get("max_attempts") or 1)
+        self.config = TrainConfig.model_validate(job["config"])
+        self.settings = settings
+        self.cpus = self.config.resources.total_cpus
+        self.gpus = self.config.resources.total_gpus
+        self.run_dir = settings.storage_path / f"job-{self.job_id}"
+        self.artifact_dir = settings.artifacts_dir / f"job-{self.job_id}"
+        self._control: Any = None
+        self._progress: dict[str, Any] | None = None
+        self._fit_thread: threading.Thread | None = None
+        self._fit_error: BaseException | None = None
+        self._stop_reason: str | None = None
+        self.started = time.monotonic()
+
+    # --- called from other threads -------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask every rank to stop at its next step (they leave a checkpoint)."""
+        self._stop_reason = self._stop_reason or reason
+        if self._control is not None:
+            self._control.request_stop.remote(reason)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._stop_reason == CANCEL
+
+    def progress(self) -> dict[str, Any] | None:
+        """The latest progress rank 0 published (cached: no Ray call)."""
+        return self._progress
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "lease_token": self.lease_token,
+            "server": s.server,
+            "token": s.token,
+            "control": control_name(self.settings.agent_id, self.job_id, self.attempt),
+            "config": self.config.model_dump(mode="json"),
+            "checkpoint_dir": str(self.run_dir),
+            "weights_out": str(self.artifact_dir / "model.pt"),
+            "data_root": s.data_root,
+            "report_interval_s": s.report_interval_s,
+            "stop_poll_s": s.stop_poll_s,
+        }
+
+    def run(self) -> RunResult:
+        """Run the attempt until its outcome is known; does not wait for Ray's teardown."""
+        name = control_name(self.settings.agent_id, self.job_id, self.attempt)
+        self._control = JobControl.options(name=name, namespace=NAMESPACE).remote()
+        if self._stop_reason:
+            self._control.request_stop.remote(self._stop_reason)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            train_on_rank,
+            train_loop_config=self.spec(),
+            scaling_config=scaling_for(self.config),
+            run_config=RunConfig(
+                name=f"job-{self.job_id}",
+                storage_path=str(self.settings.storage_path),
+                failure_config=FailureConfig(max_failures=self.settings.max_failures),
+                callbacks=[_RememberController(name)],
+            ),
+        )
+        self._fit_thread = threading.Thread(
+            target=self._fit, args=(trainer,), name=f"xsam-fit-{self.job_id}", daemon=True
+        )
+        self._fit_thread.start()
+        outcome = None
+        while outcome is None:
+            finished = not self._fit_thread.is_alive()
+            outcome = self._poll()
+            if outcome is None and finished:
+                break
+            if outcome is None:
+                time.sleep(0.5)
+        return self._result(outcome)
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # classified by _result
+            self._fit_error = exc
+
+    def _poll(self) -> dict[str, Any] | None:
+        try:
+            progress, outcome = ray.get(
+                [self._control.progress.remote(), self._control.outcome.remote()], timeout=10
+            )
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return None
+        if progress:
+            self._progress = progress
+        return outcome
+
+    def _result(self, outcome: dict[str, Any] | None) -> RunResult:
+        if outcome is None:
+            exc = self._fit_error
+            failure = (
+                classify(exc)
+                if exc is not None
+                else Failure(True, "infrastructure_error", "the run ended without an outcome")
+            )
+            if not failure.retryable:
+                return RunResult("failed", error=failure.as_error())
+            if self._stop_reason:
+                return RunResult("stopped", stop_reason=self._stop_reason)
+            return RunResult("infrastructure", error=failure.as_error())
+        undelivered = outcome.get("undelivered")
+        if outcome["status"] == "failed":
+            return RunResult("failed", error=outcome["error"], undelivered=undelivered)
+        if outcome["status"] == "completed":
+            self._write_config()
+            return RunResult("succeeded", undelivered=undelivered, summary=outcome["summary"])
+        # A stop nobody asked for comes from the reporter's own 409: the lease is gone.
+        reason = outcome.get("stop_reason") or self._stop_reason or LEASE_LOST
+        return RunResult("stopped", stop_reason=reason, undelivered=undelivered)
+
+    def _write_config(self) -> None:
+        path = self.artifact_dir / "config.json"
+        tmp = path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+        tmp.replace(path)
+
+    def wait_released(self, timeout: float = 60.0) -> None:
+        """Wait for trainer.fit() to return (resources released); abort the run if it hangs."""
+        if self._fit_thread is None:
+            return
+        self._fit_thread.join(timeout)
+        if self._fit_thread.is_alive():
+            log.warning("job %d: run did not end in %.0f s; aborting it", self.job_id, timeout)
+            self.abort()
+            self._fit_thread.join(30)
+        if self._control is not None:
+            ray.kill(self._control)
+            self._control = None
+
+    def abort(self) -> None:
+        """Tell the ranks to stop and abort Ray Train's controller (no checkpoint promised)."""
+        if self._control is None:
+            return
+        self._control.request_stop.remote(ABORT)
+        try:
+            controller = ray.get(self._control.controller.remote(), timeout=10)
+            if controller is not None:
+                ray.get(controller.abort.remote(), timeout=30)
+        except Exception:  # the controller exits as part of abort(): its reply may be an error
+            log.debug("job %d: controller abort", self.job_id, exc_info=True)

@@ -1,0 +1,248 @@
+"""The client commands: `xsam submit|list|status|watch|metrics|cancel`, over the REST API.
+
+Everything goes through `service.client.XsamClient` (no torch, no ray needed). The server and
+token come from ``--server``/``--token``, else $XSAM_SERVER/$XSAM_TOKEN, else the local
+`xsam serve` (http://127.0.0.1:8000 and the admin token it wrote). Errors are one line on
+stderr, never a traceback: exit 1 for a service error, 2 for a usage or config error, 3 when
+the service cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from typing import Any
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--server", default=None, help="API URL (default $XSAM_SERVER or :8000)")
+    parser.add_argument("--token", default=None, help="API token (default $XSAM_TOKEN)")
+    if name == "submit":
+        parser.add_argument("config", help="TrainConfig file (.yaml, .yml or .json)")
+        parser.add_argument("--name", default=None, help="a name for the job")
+        parser.add_argument("--priority", type=int, default=0, help="higher runs first")
+        parser.add_argument("--tag", action="append", default=[], help="a tag (repeat for several)")
+        parser.add_argument("--max-attempts", type=int, default=None, help="retries + 1")
+        parser.add_argument(
+            "--idempotency-key", default=None, help="submitting again with it returns the same job"
+        )
+    elif name == "list":
+        parser.add_argument("--status", default=None, choices=("queued", "running", *TERMINAL))
+        parser.add_argument("--tag", default=None, help="only jobs with this tag")
+        parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    elif name in ("status", "watch", "cancel"):
+        parser.add_argument("job_id", type=int, metavar="ID")
+        if name == "status":
+            parser.add_argument("--json", action="store_true", help="print the Job as JSON")
+        if name == "watch":
+            parser.add_argument(
+                "--interval", type=float, default=1.0, help="seconds between polls (default 1)"
+            )
+    elif name == "metrics":
+        parser.add_argument("job_id", type=int, metavar="ID")
+        parser.add_argument("--names", default=None, help="comma-separated metric names")
+        parser.add_argument("--csv", action="store_true", help="CSV: name,step,epoch,value")
+        parser.add_argument("--max-points", type=int, default=None, help="downsample per series")
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.client import ApiError, ServiceUnreachable, XsamClient, default_server_and_token
+
+    server, token = default_server_and_token(args.server, args.token)
+    command = args.command
+    try:
+        with XsamClient(server, token) as api:
+            return COMMANDS[command](api, args)
+    except ServiceUnreachable:
+        _err(command, f"cannot reach the XSAM service at {server} (is `xsam serve` running?)")
+        return 3
+    except ApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, str) else _schema_errors(exc.detail)
+        hint = " (set --token or $XSAM_TOKEN)" if exc.status == 401 else ""
+        _err(command, f"{detail} ({exc.code}, HTTP {exc.status}){hint}")
+        return 1
+
+
+def _err(command: str, message: str) -> None:
+    print(f"xsam {command}: {message}", file=sys.stderr)
+
+
+def _schema_errors(detail: Any) -> str:
+    """FastAPI's 422 body as ``loc: msg`` items on one line."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+            parts.append(f"{loc}: {item.get('msg', item)}" if loc else str(item.get("msg", item)))
+        return "; ".join(parts)
+    return json.dumps(detail)
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def submit(api, args: argparse.Namespace) -> int:
+    from xsam.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err("submit", str(exc).replace("\n", " "))
+        return 2
+    job = api.submit(
+        config.model_dump(mode="json"),
+        name=args.name,
+        priority=args.priority,
+        max_attempts=args.max_attempts,
+        tags=args.tag,
+        idempotency_key=args.idempotency_key,
+    )
+    print(job["id"])
+    where = f", position {job['queue_position']} in the queue" if job.get("queue_position") else ""
+    print(f"job {job['id']} {job['status']}{where}", file=sys.stderr)
+    return 0
+
+
+def list_jobs(api, args: argparse.Namespace) -> int:
+    page = api.list_jobs(status=args.status, tag=args.tag, limit=args.limit)
+    rows = [("ID", "STATUS", "NAME", "PROGRESS", "ATTEMPT", "CREATED")]
+    for job in page["items"]:
+        rows.append(
+            (
+                str(job["id"]),
+                job["status"],
+                job.get("name") or "-",
+                _progress_text(job),
+                f"{job.get('attempt', 0)}/{job.get('max_attempts', '?')}",
+                (job.get("created_at") or "")[:19],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _progress_text(job: dict[str, Any]) -> str:
+    p = job.get("progress") or {}
+    if job["status"] == "queued" and job.get("queue_position"):
+        return f"#{job['queue_position']} in queue"
+    if p.get("epoch") is not None and p.get("epochs"):
+        return f"epoch {p['epoch']}/{p['epochs']}"
+    return "-"
+
+
+def status(api, args: argparse.Namespace) -> int:
+    job = api.get_job(args.job_id)
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0
+    print(f"job {job['id']}  {job.get('name') or ''}".rstrip())
+    print(f"  status    {job['status']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["status"] == "running" else ""))  # fmt: skip
+    print(f"  attempt   {job.get('attempt', 0)} of {job.get('max_attempts')}")
+    print(f"  progress  {_progress_text(job)}")
+    cfg = job.get("config") or {}
+    model, data = cfg.get("model", {}).get("name"), cfg.get("data", {}).get("name")
+    opt = cfg.get("optimizer", {}).get("name", "xsam")
+    print(f"  config    {model} on {data} with {opt}")
+    for key in ("created_at", "started_at", "finished_at"):
+        if job.get(key):
+            print(f"  {key.removesuffix('_at'):9} {job[key]}")
+    for name, point in sorted((job.get("latest_metrics") or {}).items()):
+        print(f"  {name:28} {point['value']:.6g}  (step {point['step']})")
+    if job.get("error"):
+        print(f"  error     {job['error']['type']}: {job['error']['message']}")
+    return 0
+
+
+def watch(api, args: argparse.Namespace) -> int:
+    """A live progress bar (steps) with loss, accuracy and α until the job ends."""
+    from tqdm import tqdm
+
+    bar = None
+    job = api.get_job(args.job_id)
+    while True:
+        p = job.get("progress") or {}
+        if bar is None and job["status"] == "queued":
+            print(f"job {job['id']}: queued (position {job.get('queue_position')})",
+                  file=sys.stderr)  # fmt: skip
+        if bar is None and p.get("steps"):
+            bar = tqdm(total=p["steps"], unit="step", desc=f"job {job['id']}", file=sys.stderr)
+        if bar is not None:
+            bar.n = min(int(p.get("step") or 0), bar.total)
+            bar.set_postfix(_postfix(job, p), refresh=False)
+            bar.refresh()
+        if job["status"] in TERMINAL:
+            break
+        time.sleep(args.interval)
+        job = api.get_job(args.job_id)
+    if bar is not None:
+        if job["status"] == "succeeded":
+            bar.n = bar.total
+            bar.refresh()
+        bar.close()
+    message = f"job {job['id']} {job['status']}"
+    if job.get("error"):
+        message += f": {job['error']['type']}: {job['error']['message']}"
+    val = (job.get("latest_metrics") or {}).get("val/acc")
+    if val is not None:
+        message += f" (val/acc {val['value']:.4f})"
+    print(message)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _postfix(job: dict[str, Any], p: dict[str, Any]) -> dict[str, str]:
+    latest = job.get("latest_metrics") or {}
+    post = {}
+    if p.get("epoch") is not None:
+        post["epoch"] = f"{p['epoch']}/{p.get('epochs')}"
+    for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("val/acc", "val_acc"),
+                       ("xsam/alpha", "α")):  # fmt: skip
+        if key in latest:
+            post[label] = f"{latest[key]['value']:.4g}"
+    return post
+
+
+def metrics(api, args: argparse.Namespace) -> int:
+    names = [n for n in args.names.split(",") if n] if args.names else None
+    series = api.metrics(args.job_id, names=names, max_points=args.max_points)["series"]
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["name", "step", "epoch", "value"])
+        for name, points in sorted(series.items()):
+            for pt in points:
+                writer.writerow([name, pt["step"], pt.get("epoch", ""), pt["value"]])
+        return 0
+    if not series:
+        print(f"job {args.job_id}: no metrics yet", file=sys.stderr)
+        return 0
+    for name, points in sorted(series.items()):
+        last = points[-1]
+        values = [pt["value"] for pt in points]
+        print(f"{name:30} {len(points):5} points  last {last['value']:.6g} (step {last['step']})"
+              f"  min {min(values):.6g}  max {max(values):.6g}")  # fmt: skip
+    return 0
+
+
+def cancel(api, args: argparse.Namespace) -> int:
+    job = api.cancel(args.job_id)
+    if job["status"] == "cancelled":
+        print(f"job {job['id']} cancelled")
+    else:
+        print(f"job {job['id']}: cancel requested; it stops within seconds")
+    return 0
+
+
+COMMANDS = {
+    "submit": submit,
+    "list": list_jobs,
+    "status": status,
+    "watch": watch,
+    "metrics": metrics,
+    "cancel": cancel,
+}

@@ -1,0 +1,208 @@
+"""`xsam serve`: apply migrations, then run the API, a local Ray instance and an agent.
+
+`build_and_run_api(...)` is the seam the agent command reuses: it migrates the database,
+provisions the admin token and serves the API with uvicorn until interrupted. Without
+``--no-agent``, `run_embedded` serves the API from a thread, starts a private Ray head node
+(worker.local_ray: free ports, its own temp dir and auth token; it dies with this process) or
+joins ``--ray-address``, and runs the agent against the API with the admin token. SIGINT or
+SIGTERM stops the running jobs at their next step with a checkpoint (they are requeued when
+their leases expire), then the API, then Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("xsam.serve")
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="state directory (default $XSAM_DATA_DIR or ~/.xsam)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="SQLAlchemy URL (default $XSAM_DATABASE_URL or sqlite:///<data-dir>/xsam.db)",
+    )
+    parser.add_argument(
+        "--no-agent", action="store_true", help="run the API only (no local Ray, no agent)"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    agent = parser.add_argument_group("embedded agent and Ray")
+    agent.add_argument("--ray-address", default=None, help="join this Ray cluster instead")
+    agent.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)"
+    )
+    agent.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local Ray")
+    agent.add_argument(
+        "--ray-temp-dir", default=None, help="local Ray's temp dir (default /tmp/xsam-ray-<id>)"
+    )
+    agent.add_argument("--max-jobs", type=int, default=4, help="jobs at once (default 4)")
+    agent.add_argument("--data-root", default=None, help="data sets root ($XSAM_DATA_ROOT)")
+    agent.add_argument(
+        "--storage-path", type=Path, default=None, help="checkpoints (<data-dir>/checkpoints)"
+    )
+
+
+def make_settings(data_dir: Path | None = None, database_url: str | None = None, **overrides: Any):
+    """Settings from the environment, with the command line's choices on top."""
+    from service.settings import Settings
+
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if database_url is not None:
+        overrides["database_url"] = database_url
+    return Settings(**overrides)
+
+
+def prepare(settings) -> str:  # type: ignore[no-untyped-def]
+    """Migrate the database and make sure an admin token exists; returns where it is."""
+    from service.auth import provision_admin_token
+    from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
+    from service.db.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.url)
+    if settings.admin_token is not None:
+        return "$XSAM_ADMIN_TOKEN"
+    engine = make_engine(settings.url, pool_size=1, max_overflow=0)
+    try:
+        writer, _ = make_sessionmakers(engine)
+        path = settings.admin_token_file
+        run_in_transaction(writer, lambda s: provision_admin_token(s, path))
+    finally:
+        engine.dispose()
+    return str(settings.admin_token_file)
+
+
+def build_and_run_api(
+    settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> int:  # type: ignore[no-untyped-def]
+    """Migrate, provision the admin token, then serve the API on host:port until stopped."""
+    import uvicorn
+
+    from service.app import create_app
+
+    where = prepare(settings)
+    app = create_app(settings)
+    url = f"http://{host}:{port}"
+    log.info("XSAM API on %s (database %s)", url, _safe(settings.url))
+    log.info("admin token: %s", where)
+    print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    return 0
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # XSAM_DATA_DIR / XSAM_DATABASE_URL are read by Settings; flags win over them.
+    settings = make_settings(args.data_dir, args.database_url)
+    if not args.no_agent:
+        return run_embedded(settings, args)
+    return build_and_run_api(settings, args.host, args.port, args.log_level)
+
+
+def _admin_token(settings) -> str:  # type: ignore[no-untyped-def]
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    return settings.admin_token_file.read_text().strip()
+
+
+def _ray_temp_dir(settings) -> Path:  # type: ignore[no-untyped-def]
+    # Short and per data dir: Ray's unix socket paths must stay under 107 bytes.
+    import hashlib
+    import os
+
+    digest = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:8]
+    return Path(f"/tmp/xsam-ray-{os.getuid()}-{digest}")
+
+
+def run_embedded(settings, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """The API (uvicorn, in a thread), a local Ray head and an agent, until SIGINT/SIGTERM."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.client import XsamClient
+    from worker import local_ray
+    from xsam.cli.agent_cmd import build_agent, stop_on_signals
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
+    stop = threading.Event()
+    stop_on_signals(stop)
+    where = prepare(settings)
+    url = f"http://{args.host}:{args.port}"
+    config = uvicorn.Config(
+        create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+        access_log=False,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    # In a thread uvicorn installs no signal handlers: ours decide the order of shutdown.
+    api = threading.Thread(target=server.run, name="xsam-api", daemon=True)
+    api.start()
+    token = _admin_token(settings)
+    with XsamClient(url, token, timeout=2) as probe:
+        while not probe.ready():
+            if not api.is_alive():
+                print(f"xsam serve: the API did not start on {url}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr, flush=True)
+
+    head = None
+    address = args.ray_address
+    try:
+        if address is None and not stop.is_set():
+            temp_dir = Path(args.ray_temp_dir) if args.ray_temp_dir else _ray_temp_dir(settings)
+            token_file = local_ray.ensure_auth_token(settings.data_dir / "ray" / "auth_token")
+            print("xsam: starting a local Ray instance…", file=sys.stderr, flush=True)
+            head = local_ray.start_head(
+                temp_dir, num_cpus=args.num_cpus, num_gpus=args.num_gpus, token_file=token_file
+            )
+            address = head.address
+        if not stop.is_set():
+            agent = build_agent(
+                server=url,
+                token=token,
+                data_dir=settings.data_dir,
+                ray_address=address,
+                max_jobs=args.max_jobs,
+                storage_path=args.storage_path,
+                artifacts_dir=settings.artifacts_path,
+                data_root=args.data_root,
+                agent_id=f"serve-{args.port}",
+            )
+            agent.connect()
+            print(f"xsam: agent running on Ray at {address}", file=sys.stderr, flush=True)
+            agent.run(stop)  # returns after stop is set and the running jobs have stopped
+    finally:
+        server.should_exit = True
+        api.join(15)
+        if head is not None:
+            import ray
+
+            ray.shutdown()
+            head.stop()
+        print("xsam: stopped", file=sys.stderr, flush=True)
+    return 0
