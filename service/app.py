@@ -30,7 +30,13 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
+_HTTP_CODES = {
+    400: "bad_request",  # e.g. a body nested too deep for the JSON parser
+    404: "not_found",
+    405: "method_not_allowed",
+    401: "unauthorized",
+    403: "forbidden",
+}
 _FIELD_IN_MESSAGE = re.compile(r"^(?:Value error, )?([a-z_]+): ")
 
 
@@ -80,7 +86,12 @@ def _json_safe(value: Any) -> Any:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors: list[dict[str, Any]] = _json_safe(jsonable_encoder(exc.errors()))
+    try:
+        errors: list[dict[str, Any]] = _json_safe(jsonable_encoder(exc.errors()))
+    except RecursionError:
+        # An input nested too deep to echo back (the body check refuses it): leave it out.
+        bare = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        errors = jsonable_encoder(bare)
     for item in errors:
         # A cross-field check names its field at the start of its message ("rho_max: …"):
         # append it to loc so every error points at a field.

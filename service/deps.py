@@ -70,10 +70,13 @@ def get_principal(request: Request, state: StateDep) -> Principal:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated()
-    admin = state.settings.admin_token
+    admin, agent = state.settings.admin_token, state.settings.agent_token
     with state.reader() as session:
         principal = authenticate(
-            session, secret.strip(), admin_secret=admin.get_secret_value() if admin else None
+            session,
+            secret.strip(),
+            admin_secret=admin.get_secret_value() if admin else None,
+            agent_secret=agent.get_secret_value() if agent else None,
         )
     if principal is None:
         raise Unauthenticated("unknown or revoked token")

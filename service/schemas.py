@@ -2,19 +2,76 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from service.db.models import Job
 from xsam.config import TrainConfig
 
-Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=+-]+$")]
+#: Largest value of a 64-bit column (ids, steps) and of a 32-bit one (epochs): a larger number
+#: in a request is a 422, not a database overflow.
+MAX_BIGINT = 2**63 - 1
+MAX_INT = 2**31 - 1
+TAG_PATTERN = r"^[A-Za-z0-9_.:/=+-]+$"
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Stored as naive UTC: a time that has no UTC equivalent (year 1 at +05:00) is bad input.
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError("time is out of range once converted to UTC") from None
+
+
+UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+#: Deepest nesting of objects and lists a request body may have (configs and event data are
+#: shallow; serialising a much deeper one to the JSON columns would fail).
+MAX_DEPTH = 32
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why the database could not store `value` (a parsed JSON body), or None."""
+    # Level by level, not recursive: a deeply nested body must be a 422, not a RecursionError.
+    level = [value]
+    for depth in range(MAX_DEPTH + 1):
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)  # parsed JSON: exactly str, dict, list or a scalar
+            if kind is str:
+                if "\x00" in item:
+                    return "text must not contain NUL (\\u0000) characters"
+            elif kind is dict or kind is list:
+                if depth == MAX_DEPTH:
+                    return f"objects and lists must not nest deeper than {MAX_DEPTH} levels"
+                below.extend(item)
+                if kind is dict:
+                    below.extend(item.values())
+        if not below:
+            break
+        level = below
+    return None
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Body(_In):
+    """A whole request body: checked once, up front, for what no backend could store."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        # PostgreSQL text and JSON cannot hold NUL; refuse it on every backend alike.
+        why = _unstorable(data)
+        if why is not None:
+            raise ValueError(why)
+        return data
 
 
 class ErrorPublic(BaseModel):
@@ -25,7 +82,7 @@ class ErrorPublic(BaseModel):
 # --- jobs -----------------------------------------------------------------------------------
 
 
-class JobCreate(_In):
+class JobCreate(_Body):
     """A job submission: the training config (validated by TrainConfig) and queue options."""
 
     name: str | None = Field(default=None, max_length=200)
@@ -167,7 +224,7 @@ class EventsPublic(BaseModel):
 # --- tokens ----------------------------------------------------------------------------------
 
 
-class TokenCreate(_In):
+class TokenCreate(_Body):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$")
     role: Literal["user", "agent", "admin"] = "user"
 
@@ -189,6 +246,8 @@ class TokenCreated(BaseModel):
 
 class TokensPublic(BaseModel):
     items: list[TokenPublic]
+    #: Always null: every token fits one page (the field keeps the list shape of the contract).
+    next_cursor: str | None = None
 
 
 # --- agent side ------------------------------------------------------------------------------
@@ -199,7 +258,7 @@ class Capacity(_In):
     gpus: int = Field(ge=0)
 
 
-class ClaimRequest(_In):
+class ClaimRequest(_Body):
     agent_id: str = Field(min_length=1, max_length=200)
     capacity: Capacity
 
@@ -216,13 +275,13 @@ class ClaimPublic(BaseModel):
 
 
 class ProgressIn(_In):
-    epoch: int | None = Field(default=None, ge=0)
-    epochs: int | None = Field(default=None, ge=0)
-    step: int | None = Field(default=None, ge=0)
-    steps: int | None = Field(default=None, ge=0)
+    epoch: int | None = Field(default=None, ge=0, le=MAX_INT)
+    epochs: int | None = Field(default=None, ge=0, le=MAX_INT)
+    step: int | None = Field(default=None, ge=0, le=MAX_BIGINT)
+    steps: int | None = Field(default=None, ge=0, le=MAX_BIGINT)
 
 
-class HeartbeatRequest(_In):
+class HeartbeatRequest(_Body):
     lease_token: str = Field(max_length=64)
     progress: ProgressIn | None = None
 
@@ -231,7 +290,7 @@ class HeartbeatPublic(BaseModel):
     cancel_requested: bool
 
 
-class FinishRequest(_In):
+class FinishRequest(_Body):
     lease_token: str = Field(max_length=64)
     status: Literal["succeeded", "failed", "cancelled"]
     error: ErrorInfo | None = None
@@ -239,14 +298,14 @@ class FinishRequest(_In):
 
 class PointIn(_In):
     name: str = Field(min_length=1, max_length=128)
-    step: int = Field(ge=0, lt=2**63)
+    step: int = Field(ge=0, le=MAX_BIGINT)
     # NaN/inf are refused: SQLite cannot store NaN; report a diverged run as an event/failure.
     value: float = Field(allow_inf_nan=False)
-    epoch: int | None = Field(default=None, ge=0)
-    time: datetime | None = None
+    epoch: int | None = Field(default=None, ge=0, le=MAX_INT)
+    time: UTCTime | None = None
 
 
-class MetricsIngest(_In):
+class MetricsIngest(_Body):
     lease_token: str = Field(max_length=64)
     points: list[PointIn]
 
@@ -256,10 +315,10 @@ class EventIn(_In):
     message: str = Field(default="", max_length=20_000)
     data: dict[str, Any] | None = None
     key: str | None = Field(default=None, max_length=200)
-    time: datetime | None = None
+    time: UTCTime | None = None
 
 
-class EventsIngest(_In):
+class EventsIngest(_Body):
     lease_token: str = Field(max_length=64)
     events: list[EventIn]
 

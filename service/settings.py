@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="accepted as an admin bearer token when set"
     )
+    agent_token: SecretStr | None = Field(
+        default=None, description="accepted as an agent bearer token when set"
+    )
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     lease_timeout_s: float | None = Field(
         default=None, gt=0, description="heartbeat deadline; default 3 heartbeat intervals"

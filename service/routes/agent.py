@@ -14,7 +14,7 @@ from service.db.engine import db_now
 from service.deps import AgentDep, SessionDep, StateDep
 from service.errors import PayloadTooLarge
 from service.queue import JobStatus
-from service.routes.jobs import job_public
+from service.routes.jobs import JobId, job_public
 from service.schemas import (
     ClaimPublic,
     ClaimRequest,
@@ -63,7 +63,7 @@ def claim(
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatPublic)
 def heartbeat(
-    job_id: int, body: HeartbeatRequest, session: SessionDep, agent: AgentDep, state: StateDep
+    job_id: JobId, body: HeartbeatRequest, session: SessionDep, agent: AgentDep, state: StateDep
 ) -> HeartbeatPublic:
     """Extend the lease, store progress; the reply says whether the owner asked to cancel."""
     progress = body.progress.model_dump() if body.progress else None
@@ -73,7 +73,7 @@ def heartbeat(
 
 
 @router.post("/jobs/{job_id}/finish", response_model=JobPublic)
-def finish(job_id: int, body: FinishRequest, session: SessionDep, agent: AgentDep) -> JobPublic:
+def finish(job_id: JobId, body: FinishRequest, session: SessionDep, agent: AgentDep) -> JobPublic:
     """End the run as succeeded, failed (with an error) or cancelled."""
     with session.begin():
         job = queue.finish(
@@ -88,7 +88,7 @@ def finish(job_id: int, body: FinishRequest, session: SessionDep, agent: AgentDe
 
 @router.post("/jobs/{job_id}/metrics", response_model=IngestPublic)
 def ingest_metrics(
-    job_id: int, body: MetricsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+    job_id: JobId, body: MetricsIngest, session: SessionDep, agent: AgentDep, state: StateDep
 ) -> IngestPublic:
     """Store metric points; a point already stored (same name and step) is left as it is."""
     limit = state.settings.max_ingest_points
@@ -105,7 +105,7 @@ def ingest_metrics(
 
 @router.post("/jobs/{job_id}/events", response_model=IngestPublic)
 def ingest_events(
-    job_id: int, body: EventsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+    job_id: JobId, body: EventsIngest, session: SessionDep, agent: AgentDep, state: StateDep
 ) -> IngestPublic:
     """Append events; one whose ``key`` this job already has is a replay and is dropped."""
     limit = state.settings.max_ingest_events

@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,6 +19,8 @@ from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
 from service.queue import JobStatus
 from service.schemas import (
+    MAX_BIGINT,
+    TAG_PATTERN,
     EventPublic,
     EventsPublic,
     JobCreate,
@@ -32,6 +34,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 #: Most jobs one page may hold; a larger ``limit`` is a 422.
 MAX_PAGE_LIMIT = 200
+
+#: A job id in a path: a negative one or one beyond the id column is a 422 (not a database
+#: overflow); an id in range that names no job is a 404.
+JobId = Annotated[int, Path(ge=0, le=MAX_BIGINT)]
 
 
 def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
@@ -68,7 +74,7 @@ def submit_job(
             priority=body.priority,
             max_attempts=body.max_attempts,
             tags=body.tags,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key or None,  # an empty header is no key
         )
         if not created:
             response.status_code = 200
@@ -83,9 +89,10 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "id":
+        job_id = int(value)
+        if prefix != "id" or not 0 <= job_id <= MAX_BIGINT:
             raise ValueError(raw)
-        return int(value)
+        return job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidCursor(f"invalid cursor {cursor!r}") from None
 
@@ -95,7 +102,7 @@ def list_jobs(
     session: ReadSessionDep,
     owner: OwnerDep,
     status: JobStatus | None = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
+    tag: Annotated[str | None, Query(max_length=64, pattern=TAG_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> JobsPublic:
@@ -123,13 +130,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: int, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
+def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
     """One job with its progress, latest metrics, error and queue position."""
     return job_public(session, visible_job(session, owner, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: SessionDep, owner: OwnerDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """Queued: cancelled at once. Running: the agent is told and ends it ``cancelled``."""
     with session.begin():
         job = queue.cancel(session, visible_job(session, owner, job_id))
@@ -138,12 +145,14 @@ def cancel_job(job_id: int, session: SessionDep, owner: OwnerDep) -> JobPublic:
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
 def get_metrics(
-    job_id: int,
+    job_id: JobId,
     session: ReadSessionDep,
     owner: OwnerDep,
-    names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
-    since_step: Annotated[int | None, Query(ge=0)] = None,
-    until_step: Annotated[int | None, Query(ge=0)] = None,
+    names: Annotated[
+        str | None, Query(description="comma-separated metric names", pattern=r"^[^\x00]*$")
+    ] = None,
+    since_step: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
+    until_step: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000,
 ) -> MetricsPublic:
     """Series per name; longer ones are downsampled into buckets (min, max, mean, last)."""
@@ -162,7 +171,7 @@ def get_metrics(
 
 @router.get("/{job_id}/metrics/latest", response_model=LatestMetricsPublic)
 def get_latest_metrics(
-    job_id: int, session: ReadSessionDep, owner: OwnerDep
+    job_id: JobId, session: ReadSessionDep, owner: OwnerDep
 ) -> LatestMetricsPublic:
     """The newest point of every series."""
     visible_job(session, owner, job_id)
@@ -172,10 +181,10 @@ def get_latest_metrics(
 
 @router.get("/{job_id}/events", response_model=EventsPublic)
 def get_events(
-    job_id: int,
+    job_id: JobId,
     session: ReadSessionDep,
     owner: OwnerDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> EventsPublic:
     """Events with id > ``after``, in order; pass ``next_after`` back to resume."""
@@ -196,7 +205,7 @@ def get_events(
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def download_model(
-    job_id: int, session: ReadSessionDep, owner: OwnerDep, settings: SettingsDep
+    job_id: JobId, session: ReadSessionDep, owner: OwnerDep, settings: SettingsDep
 ) -> FileResponse:
     """The trained weights (a state_dict file) of a succeeded job."""
     job = visible_job(session, owner, job_id)

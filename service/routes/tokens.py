@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
 from service.auth import Role, create_token
@@ -10,7 +12,7 @@ from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep
 from service.errors import TokenNotFound
-from service.schemas import TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from service.schemas import MAX_BIGINT, TokenCreate, TokenCreated, TokenPublic, TokensPublic
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 
@@ -42,7 +44,9 @@ def list_tokens(session: ReadSessionDep, admin: AdminDep) -> TokensPublic:
 
 
 @router.delete("/{token_id}", status_code=204)
-def revoke(token_id: int, session: SessionDep, admin: AdminDep) -> Response:
+def revoke(
+    token_id: Annotated[int, Path(ge=0, le=MAX_BIGINT)], session: SessionDep, admin: AdminDep
+) -> Response:
     """Revoke a token; it is refused from the next request on."""
     with session.begin():
         token = session.get(Token, token_id)

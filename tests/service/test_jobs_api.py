@@ -60,6 +60,15 @@ def test_idempotency_key_returns_the_same_job(client, alice, bob):
     assert len(client.get("/v1/jobs", headers=alice).json()["items"]) == 1
 
 
+def test_empty_idempotency_key_is_no_key(client, alice):
+    # As the Python client does: an empty key must not make every keyless submit one job.
+    empty = {**alice, "Idempotency-Key": ""}
+    first = client.post("/v1/jobs", json={"config": CONFIG}, headers=empty)
+    again = client.post("/v1/jobs", json={"config": CONFIG}, headers=empty)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] != first.json()["id"]
+
+
 def test_pagination_newest_first_with_filters(client, alice, agent):
     ids = [submit(client, alice, tags=["even"] if i % 2 == 0 else [])["id"] for i in range(7)]
     seen, cursor = [], None
@@ -85,6 +94,8 @@ def test_pagination_newest_first_with_filters(client, alice, agent):
         ({"limit": 0}, 422),
         ({"status": "sleeping"}, 422),  # not a status
         ({"cursor": "not-a-cursor"}, 400),
+        ({"cursor": "aWQ6MTAwMDAwMDAwMDAwMDAwMDAwMDAwMDA"}, 400),  # "id:10**20", past BIGINT
+        ({"tag": "a\x00b"}, 422),  # NUL: PostgreSQL cannot compare it
     ],
 )
 def test_list_rejects_bad_parameters(client, alice, params, status):
@@ -92,6 +103,58 @@ def test_list_rejects_bad_parameters(client, alice, params, status):
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["code"] == "invalid_cursor"
+
+
+BIG = 10**20  # past 2**63 - 1: no column holds it
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "loc"),
+    [
+        ("GET", f"/v1/jobs/{BIG}", ["path", "job_id"]),
+        ("GET", "/v1/jobs/-1", ["path", "job_id"]),  # (0 is in range: a 404)
+        ("POST", f"/v1/jobs/{2**63}/cancel", ["path", "job_id"]),
+        ("GET", f"/v1/jobs/{BIG}/metrics", ["path", "job_id"]),
+        ("GET", f"/v1/jobs/1/metrics?since_step={BIG}", ["query", "since_step"]),
+        ("GET", f"/v1/jobs/1/metrics?until_step={2**63}", ["query", "until_step"]),
+        ("GET", f"/v1/jobs/1/events?after={BIG}", ["query", "after"]),
+        ("GET", "/v1/jobs/1/metrics?names=a%00b", ["query", "names"]),  # NUL
+        ("POST", f"/v1/agent/jobs/{BIG}/heartbeat", ["path", "job_id"]),
+        ("DELETE", f"/v1/tokens/{BIG}", ["path", "token_id"]),
+    ],
+)
+def test_unstorable_parameters_are_422_not_500(client, method, path, loc):
+    body = {"lease_token": "x"} if "heartbeat" in path else None
+    r = client.request(method, path, headers=ADMIN, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc
+
+
+def test_in_range_id_of_no_job_is_404(client, alice):
+    for job_id in (0, 2**63 - 1):
+        r = client.get(f"/v1/jobs/{job_id}", headers=alice)
+        assert r.status_code == 404 and r.json()["code"] == "job_not_found"
+
+
+def test_unstorable_bodies_are_422_not_500(client, alice):
+    r = client.post("/v1/jobs", json={"config": CONFIG, "name": "a\x00b"}, headers=alice)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "validation_error"
+    assert client.get("/v1/jobs", headers=alice).json()["items"] == []
+    deep: dict = {"a": []}
+    for _ in range(300):  # deeper than a config is ever nested; too deep to serialise
+        deep = {"a": [deep]}
+    config = {**CONFIG, "model": {"name": "mlp", "options": deep}}
+    r = client.post("/v1/jobs", json={"config": config}, headers=alice)
+    assert r.status_code == 422, r.text
+    assert "nest deeper" in r.json()["detail"][0]["msg"]
+    # Deeper than the JSON parser goes: a 400 with a code.
+    r = client.post(
+        "/v1/jobs",
+        content='{"config": ' + "[" * 5000 + "]" * 5000 + "}",
+        headers={**alice, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["code"] == "bad_request"
 
 
 def test_owners_see_only_their_jobs(client, alice, bob):
@@ -139,7 +202,9 @@ def test_tokens_create_list_revoke(client):
     assert set(created) == {"id", "name", "role", "token"}
     carol = bearer(created["token"])
     assert client.get("/v1/jobs", headers=carol).status_code == 200
-    listed = client.get("/v1/tokens", headers=ADMIN).json()["items"]
+    page = client.get("/v1/tokens", headers=ADMIN).json()
+    assert set(page) == {"items", "next_cursor"} and page["next_cursor"] is None  # list shape
+    listed = page["items"]
     assert [(t["name"], t["role"], t["revoked_at"]) for t in listed] == [("carol", "user", None)]
     assert "token" not in listed[0] and "token_hash" not in listed[0]
     assert client.delete(f"/v1/tokens/{created['id']}", headers=ADMIN).status_code == 204
@@ -147,6 +212,24 @@ def test_tokens_create_list_revoke(client):
     assert client.delete("/v1/tokens/9999", headers=ADMIN).status_code == 404
     r = client.post("/v1/tokens", json={"name": "x", "role": "root"}, headers=ADMIN)
     assert r.status_code == 422
+
+
+def test_agent_token_from_settings_is_an_agent(db_url, tmp_path):
+    from conftest import TestClient, make_settings
+
+    from service.app import create_app
+
+    app = create_app(make_settings(db_url, tmp_path, agent_token="env-agent-secret"))
+    with TestClient(app) as client:
+        env_agent = bearer("env-agent-secret")
+        job = submit(client, ADMIN)
+        claimed = claim(client, env_agent)
+        assert claimed is not None and claimed["job"]["id"] == job["id"]
+        assert client.get("/v1/tokens", headers=env_agent).status_code == 403  # not an admin
+        assert client.get("/v1/jobs", headers=bearer("env-agent-secretX")).status_code == 401
+    # Without the setting the same secret is nobody.
+    with TestClient(create_app(make_settings(db_url, tmp_path))) as client:
+        assert client.get("/v1/jobs", headers=bearer("env-agent-secret")).status_code == 401
 
 
 def test_body_limit_is_413(db_url, tmp_path):

@@ -53,6 +53,39 @@ def test_non_finite_values_are_refused_naming_the_field(running):
     assert r.json()["detail"][0]["loc"] == ["body", "points", 0, "value"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "loc"),
+    [
+        # an epoch past the INTEGER column
+        ("metrics", {"points": [{"name": "a", "step": 1, "value": 1, "epoch": 2**31}]},
+         ["body", "points", 0, "epoch"]),
+        ("metrics", {"points": [{"name": "a", "step": 2**63, "value": 1}]},
+         ["body", "points", 0, "step"]),
+        # a time that has no UTC equivalent
+        ("metrics", {"points": [{"name": "a", "step": 1, "value": 1,
+                                 "time": "0001-01-01T00:00:00+05:00"}]},
+         ["body", "points", 0, "time"]),
+        ("events", {"events": [{"type": "log", "time": "9999-12-31T23:00:00-05:00"}]},
+         ["body", "events", 0, "time"]),
+        # NUL, which PostgreSQL text and JSON refuse, in a name, a message, nested data
+        ("metrics", {"points": [{"name": "a\x00", "step": 1, "value": 1}]}, ["body"]),
+        ("events", {"events": [{"type": "log", "message": "\x00"}]}, ["body"]),
+        ("events", {"events": [{"type": "log", "data": {"k": ["\x00"]}}]}, ["body"]),
+        ("heartbeat", {"progress": {"step": 2**63}}, ["body", "progress", "step"]),
+        ("finish", {"status": "failed", "error": {"type": "x\x00"}}, ["body"]),
+        # nesting too deep to serialise into a JSON column (was a RecursionError)
+        ("events", {"events": [{"type": "log", "data": {"k": json.loads("[" * 600 + "]" * 600)}}]},
+         ["body"]),
+    ],
+)  # fmt: skip
+def test_ingest_of_unstorable_values_is_422_not_500(client, alice, running, path, body, loc):
+    job_id, post = running
+    r = post(path, **body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "running"
+
+
 def test_downsampling_keeps_a_one_step_spike(client, alice, running):
     job_id, post = running
     points = [{"name": "loss", "step": s, "value": 1.0} for s in range(1, 4001)]
