@@ -5,8 +5,8 @@ provisions the admin token and serves the API with uvicorn until interrupted. Wi
 ``--no-agent``, `run_embedded` serves the API from a thread, starts a private Ray head node
 (worker.local_ray: free ports, its own temp dir and auth token; it dies with this process) or
 joins ``--ray-address``, and runs the agent against the API with the admin token. SIGINT or
-SIGTERM stops the running jobs at their next step with a checkpoint (they are requeued when
-their leases expire), then the API, then Ray.
+SIGTERM stops the running jobs at their next step with a checkpoint and releases them back to
+the queue (their attempts not counted; the next start resumes them), then the API, then Ray.
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""Evaluation of a model on a data set's test split, and the trained-weights file fit() writes.
+
+`evaluate` gives the ``val/loss`` and ``val/acc`` that fit() reports; `load_trained` rebuilds a
+model from a ``weights_out`` file (the agent serves it as the job's model artifact), so that
+``evaluate(load_trained(path), dataset)`` reproduces the run's final ``val/acc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from xsam.config import TrainConfig
+from xsam.data import Dataset
+from xsam.errors import ModelError
+from xsam.models import build_model
+
+EVAL_BATCH = 1000
+
+
+def weights_file(model: nn.Module, config: TrainConfig, dataset: Dataset, metrics: dict) -> dict:
+    """The content of a ``weights_out`` file."""
+    return {
+        "state_dict": model.state_dict(),
+        "config": config.model_dump(mode="json"),
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "metrics": dict(metrics),
+    }
+
+
+@torch.no_grad()
+def _eval_sums(model, x, y, autocast, channels_last, batch_size=EVAL_BATCH):
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out = model(xb)
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
+        correct += (out.argmax(1) == yb).sum().double()
+    return loss_sum, correct
+
+
+def evaluate_ranks(model, data, autocast, channels_last, distributed, rank, world):
+    if distributed:
+        # Sync point: BN running statistics drift per rank; evaluate (and save) rank 0's.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    was_training = model.training
+    model.eval()
+    x, y = data.x_test[rank::world], data.y_test[rank::world]
+    loss_sum, correct = _eval_sums(model, x, y, autocast, channels_last)
+    sums = torch.stack([loss_sum, correct])
+    if distributed:
+        # Sync point: each rank scored a disjoint slice of the test set.
+        backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        sums = sums.to(backend_device)
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = len(data.y_test)
+    return {"val/loss": float(sums[0]) / n, "val/acc": float(sums[1]) / n}
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = EVAL_BATCH, split: str = "test"
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` (in eval mode) on a data set split, on the model's device.
+
+    Returns ``{"val/loss", "val/acc"}``, the numbers fit() reports for the test split.
+    """
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train' (got {split!r})")
+    device = next(model.parameters()).device
+    x, y = (
+        (dataset.x_test, dataset.y_test) if split == "test" else (dataset.x_train, dataset.y_train)
+    )
+    x, y = x.to(device), y.to(device)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = _eval_sums(model, x, y, contextlib.nullcontext, False, batch_size)
+    model.train(was_training)
+    return {"val/loss": float(loss_sum) / len(y), "val/acc": float(correct) / len(y)}
+
+
+def load_trained(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the model a ``weights_out`` file describes and load its weights (eval mode)."""
+    try:
+        saved = torch.load(Path(path), map_location=device, weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelError(f"no trained weights at {path}") from exc
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ModelError(f"{path} is not a file written by fit(weights_out=...)")
+    config = TrainConfig.model_validate(saved["config"])
+    model = build_model(
+        config, input_shape=tuple(saved["input_shape"]), num_classes=int(saved["num_classes"])
+    )
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval()
