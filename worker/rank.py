@@ -28,6 +28,13 @@ UNDELIVERED = "undelivered.json"
 FINAL_FLUSH_S = 5.0
 
 
+def _rank_device() -> str:
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    return str(device)
+
+
 def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
     from service.client import XsamClient
@@ -90,6 +97,8 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
             on_checkpoint=persist if reporter is not None else None,
             should_stop=lambda: stop.is_set() or (reporter is not None and reporter.lease_lost),
             data_root=spec.get("data_root"),
+            # The GPU Ray Train assigned to this rank (CPU when the job has none).
+            device=_rank_device(),
             weights_out=spec["weights_out"] if rank == 0 else None,
         )
     except XsamError as exc:

@@ -391,7 +391,7 @@ def test_compose_services_run_a_ddp_job_across_two_nodes(topology: Topology) -> 
         {"head": head, "node_b": node_b},
     )
 
-    # the smoke test that docs/deploy.md gives users passes against this deployment
+    # the smoke test that the README's Deploy section gives users passes against this deployment
     smoke = subprocess.run(
         [
             "bash",
