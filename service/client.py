@@ -309,6 +309,14 @@ class XsamClient:
             body["error"] = dict(error)
         return self._json("POST", f"/v1/agent/jobs/{job_id}/finish", json=body, agent=True)
 
+    def release(self, job_id: int, lease_token: str, reason: str | None = None) -> dict[str, Any]:
+        """Hand the running job back (queued, attempt not counted; cancelled if a cancel was
+        requested); returns the Job. Raises `LeaseLost` when the lease is already gone."""
+        body: dict[str, Any] = {"lease_token": lease_token}
+        if reason is not None:
+            body["reason"] = reason
+        return self._json("POST", f"/v1/agent/jobs/{job_id}/release", json=body, agent=True)
+
     def ingest_metrics(
         self, job_id: int, lease_token: str, points: Iterable[Mapping[str, Any]]
     ) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Every function here runs inside one short transaction that its caller opens (see
 `service.db.engine.run_in_transaction`); none holds a transaction for the life of a job. Times
 come from the database's clock. A job is owned by an agent through its ``lease_token``: every
-heartbeat, ingest and finish names it, and an update that matches no row means the lease is lost.
+heartbeat, ingest, finish and release names it, and an update that matches no row means the lease
+is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 class JobStatus(StrEnum):
     """Where a job is in its life."""
 
-    #: Waiting for an agent with enough free capacity (and for its retry backoff to pass).
+    #: Waiting for an agent with enough free capacity (and for its retry backoff to pass); also
+    #: where a running job goes back to when its agent releases it or its lease expires.
     QUEUED = "queued"
     #: Claimed by an agent that holds its lease and heartbeats; may have a cancel requested.
     RUNNING = "running"
@@ -268,6 +270,68 @@ def finish(
         now=now,
         data={"attempt": job.attempt, "error": error},
     )
+    return job
+
+
+def release(session: Session, job_id: int, lease_token: str, *, reason: str | None = None) -> Job:
+    """Give a running job back to the queue, its attempt not counted (the agent is stopping).
+
+    For an agent that stopped the run with a checkpoint on purpose (shutdown): the job is queued
+    again at once (no backoff) and ``attempt`` is decremented, so the next claim hands out the
+    same attempt number and ``max_attempts`` counts only attempts that ended in failure (lease
+    expiry, infrastructure). A job with a cancel requested is cancelled instead. One statement,
+    fenced like `finish`; the lease token is cleared in it, so the released token is refused
+    (`LeaseLost`) from then on, a replayed release included, and the next claim writes a new one.
+    """
+    now = db_now(session)
+    cancelling = Job.cancel_requested.is_(True)
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.lease_token == lease_token,
+            Job.status == JobStatus.RUNNING.value,
+        )
+        .values(
+            status=case((cancelling, JobStatus.CANCELLED.value), else_=JobStatus.QUEUED.value),
+            attempt=case((cancelling, Job.attempt), else_=Job.attempt - 1),
+            finished_at=case(
+                (cancelling, literal(now, Job.finished_at.type)), else_=Job.finished_at
+            ),
+            agent_id=case((cancelling, Job.agent_id), else_=None),
+            lease_token=None,
+            lease_expires_at=None,
+            not_before=None,
+        )
+        .returning(Job.status)
+        .execution_options(synchronize_session=False)
+    ).first()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    if row is None:
+        raise LeaseLost(f"job {job_id}: lease lost (requeued, reclaimed, released or finished)")
+    why = reason or "no reason given"
+    if job.status == JobStatus.CANCELLED.value:
+        record_event(
+            session,
+            job_id,
+            "cancelled",
+            f"cancelled (released by its agent: {why})",
+            now=now,
+            data={"attempt": job.attempt, "reason": reason},
+        )
+    else:
+        released = job.attempt + 1
+        record_event(
+            session,
+            job_id,
+            "released",
+            f"released by its agent: {why}; attempt {released} not counted, queued again",
+            now=now,
+            data={"attempt": released, "reason": reason},
+        )
+    log.info("job %d: released -> %s", job_id, job.status)
     return job
 
 

@@ -296,6 +296,11 @@ class FinishRequest(_Body):
     error: ErrorInfo | None = None
 
 
+class ReleaseRequest(_Body):
+    lease_token: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
 class PointIn(_In):
     name: str = Field(min_length=1, max_length=128)
     step: int = Field(ge=0, le=MAX_BIGINT)

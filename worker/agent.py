@@ -8,9 +8,13 @@ One agent per Ray cluster, running as a Ray driver on the head node. Its loop:
 2. ``POST /v1/agent/claim`` with it; a job that fits comes back with a lease;
 3. the job runs in a thread of its own (`JobRun`), its lease beaten by the `Heartbeats` thread;
 4. when the run's outcome is known the job is finished: ``succeeded``, ``failed`` (an
-   `XsamError`: no retry), ``cancelled``; an infrastructure failure or an agent shutdown leaves
-   the lease to expire, so that the service's reaper requeues the job for its next attempt
-   (which resumes from the checkpoint), or fails it when no attempts are left.
+   `XsamError`: no retry), ``cancelled``; an infrastructure failure leaves the lease to expire,
+   so that the service's reaper requeues the job for its next attempt (which resumes from the
+   checkpoint), or fails it when no attempts are left;
+5. on shutdown every run stops at its next step with a checkpoint and its job is released
+   (``POST /v1/agent/jobs/{id}/release``): queued again at once, the attempt not counted, so
+   the next agent resumes it from the checkpoint. If the service cannot be reached, the lease
+   expires instead (the reaper requeues the job, with an attempt used).
 
 Everything goes over HTTP through `service.client`; the agent never touches the database.
 """
@@ -201,9 +205,11 @@ class Agent:
             self._finish(run, "cancelled", None, lost)
         elif result.status == "infrastructure" and run.attempt >= run.max_attempts:
             self._finish(run, "failed", result.error, lost)
+        elif result.status == "stopped" and result.stop_reason == SHUTDOWN:
+            self._release(run, lost)
         else:
-            # Shutdown, or an infrastructure failure with attempts left: stop heartbeating, so
-            # the lease expires and the reaper requeues the job; the next attempt resumes.
+            # An infrastructure failure with attempts left: stop heartbeating, so the lease
+            # expires and the reaper requeues the job (an attempt used); the next one resumes.
             why = result.error["message"] if result.error else f"agent {result.stop_reason}"
             self._event(run, "attempt_ended", f"attempt {run.attempt} ended: {why}; "
                         "the job will be requeued when its lease expires", lost)  # fmt: skip
@@ -225,6 +231,27 @@ class Agent:
             lambda: self.client.finish(run.job_id, run.lease_token, status, error), lost
         ):
             log.info("job %d: finished %s", run.job_id, status)
+
+    def _release(self, run: JobRun, lost: threading.Event) -> None:
+        """Hand a job stopped for shutdown back to the service: queued at once, its attempt not
+        counted; the next claim resumes it from the checkpoint the stop wrote."""
+        # No beat after the release: its old token would be refused (409, "lease lost").
+        self.heartbeats.remove(run.job_id)
+        reason = f"agent {self.settings.agent_id} shut down; the run stopped with a checkpoint"
+        # Bounded: an unreachable service must not hold up the shutdown. Its fallback is the old
+        # path: the lease expires and the reaper requeues the job (an attempt used).
+        job: dict[str, Any] = {}
+        if self._retry(
+            lambda: job.update(self.client.release(run.job_id, run.lease_token, reason)),
+            lost,
+            deadline_s=10,
+        ):
+            # "queued" (attempt not counted), or "cancelled" if a cancel had been requested.
+            log.info("job %d: released -> %s", run.job_id, job.get("status"))
+        elif not lost.is_set():
+            log.warning(
+                "job %d: not released; the service requeues it when its lease expires", run.job_id
+            )
 
     def _final_progress(self, run: JobRun, summary: dict[str, Any]) -> None:
         # The last heartbeat may predate the last epoch: show the run complete.
@@ -275,8 +302,9 @@ class Agent:
     def shutdown(self, timeout: float = 90.0) -> None:
         """Stop every run at its next step (each leaves a checkpoint) and wait for them.
 
-        The stopped jobs are not finished: their leases expire and the service requeues them
-        (with an attempt used), so the next agent resumes them from their checkpoints.
+        Each stopped job is released (queued again at once, its attempt not counted), so the
+        next agent resumes it from its checkpoint; one that cannot be released (service
+        unreachable) is requeued by the service when its lease expires, with an attempt used.
         """
         if self._stopping.is_set():
             return

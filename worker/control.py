@@ -23,9 +23,10 @@ NAMESPACE = "xsam"
 CANCEL, SHUTDOWN, LEASE_LOST, ABORT = "cancel", "shutdown", "lease_lost", "abort"
 
 
-def control_name(agent_id: str, job_id: int, attempt: int) -> str:
-    # Two services' agents may share one Ray cluster: their job ids are not unique on it.
-    return f"xsam-{agent_id}-job-{job_id}-attempt-{attempt}"
+def control_name(agent_id: str, job_id: int, attempt: int, lease_token: str) -> str:
+    # Two services' agents may share one Ray cluster: their job ids are not unique on it. A
+    # released job is claimed again with the same attempt number: the lease token tells apart.
+    return f"xsam-{agent_id}-job-{job_id}-attempt-{attempt}-{lease_token[:8]}"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -4,7 +4,10 @@ Ray's defaults collide on a shared machine (GCS on 6379 — Redis's port —, th
 10001, the dashboard agent on 52365) and its token lives in ~/.ray. Here every port is picked
 free, the temp dir and the auth token file belong to the caller, and the head runs as
 ``ray start --head --block`` in a child process that dies with its parent (Linux
-``PR_SET_PDEATHSIG``), so even a SIGKILLed `xsam serve` leaves no Ray cluster behind.
+``PR_SET_PDEATHSIG``), so even a SIGKILLed `xsam serve` leaves no Ray cluster behind. The child
+runs in a session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches
+only `xsam serve`, which stops the jobs with a checkpoint first and the head last, instead of
+reaching Ray's processes too and killing the jobs' ranks mid-step.
 """
 
 from __future__ import annotations
@@ -145,7 +148,12 @@ def start_head(
     log_file = temp_dir / "ray-start.log"
     with log_file.open("ab") as out:
         process = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # out of the terminal's process group: see the docstring
+            preexec_fn=_die_with_parent,
         )
     address = f"127.0.0.1:{ports['port']}"
     head = LocalRay(address, temp_dir, process, log_file, ports)

@@ -112,6 +112,10 @@ class JobRun:
         self._stop_reason: str | None = None
         self.started = time.monotonic()
 
+    @property
+    def control_name(self) -> str:
+        return control_name(self.settings.agent_id, self.job_id, self.attempt, self.lease_token)
+
     # --- called from other threads -------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
@@ -138,7 +142,7 @@ class JobRun:
             "lease_token": self.lease_token,
             "server": s.server,
             "token": s.token,
-            "control": control_name(self.settings.agent_id, self.job_id, self.attempt),
+            "control": self.control_name,
             "config": self.config.model_dump(mode="json"),
             "checkpoint_dir": str(self.run_dir),
             "weights_out": str(self.artifact_dir / "model.pt"),
@@ -149,7 +153,7 @@ class JobRun:
 
     def run(self) -> RunResult:
         """Run the attempt until its outcome is known; does not wait for Ray's teardown."""
-        name = control_name(self.settings.agent_id, self.job_id, self.attempt)
+        name = self.control_name
         self._control = JobControl.options(name=name, namespace=NAMESPACE).remote()
         if self._stop_reason:
             self._control.request_stop.remote(self._stop_reason)

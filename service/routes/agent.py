@@ -1,4 +1,5 @@
-"""/v1/agent: what an agent calls — claim, heartbeat, ingest, finish (agent or admin tokens).
+"""/v1/agent: what an agent calls — claim, heartbeat, ingest, finish, release (agent or admin
+tokens).
 
 Everything after the claim is fenced by the job's lease token: a stale token gets 409 and
 changes nothing, and the agent must stop that run.
@@ -26,6 +27,7 @@ from service.schemas import (
     JobPublic,
     LeasePublic,
     MetricsIngest,
+    ReleaseRequest,
 )
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -83,6 +85,15 @@ def finish(job_id: JobId, body: FinishRequest, session: SessionDep, agent: Agent
             JobStatus(body.status),
             error=body.error.model_dump() if body.error else None,
         )
+        return job_public(session, job)
+
+
+@router.post("/jobs/{job_id}/release", response_model=JobPublic)
+def release(job_id: JobId, body: ReleaseRequest, session: SessionDep, agent: AgentDep) -> JobPublic:
+    """Hand a running job back: queued again at once with its attempt not counted (or cancelled
+    if a cancel was requested); the lease token is refused from then on."""
+    with session.begin():
+        job = queue.release(session, job_id, body.lease_token, reason=body.reason)
         return job_public(session, job)
 
 

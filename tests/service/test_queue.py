@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from conftest import ADMIN, ADMIN_SECRET, CONFIG, claim, submit
 from sqlalchemy import update
 
@@ -280,3 +281,119 @@ def test_the_app_reaps_periodically(db_url, tmp_path):
             time.sleep(0.1)
         body = api.get_job(job["id"])
         assert body["status"] == "failed" and body["error"]["type"] == "lease_expired"
+
+
+def _release(client, headers, job_id: int, lease_token: str, reason: str | None = "shutdown"):
+    body: dict[str, str] = {"lease_token": lease_token}
+    if reason is not None:
+        body["reason"] = reason
+    return client.post(f"/v1/agent/jobs/{job_id}/release", json=body, headers=headers)
+
+
+def _event_types(client, headers, job_id: int) -> list[str]:
+    items = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["items"]
+    return [e["type"] for e in items]
+
+
+def test_release_requeues_at_once_without_counting_the_attempt(client, app, alice, agent):
+    app.state.xsam.policy = queue.LeasePolicy(
+        heartbeat_interval_s=0.2, lease_timeout_s=0.6, retry_backoff_s=60
+    )  # a backoff, were one applied, would keep the job from the next claim
+    job = submit(client, alice, max_attempts=1)
+    first = claim(client, agent)["lease"]
+    r = _release(client, agent, job["id"], first["lease_token"], "agent shutting down")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "queued" and body["attempt"] == 0 and body["queue_position"] == 1
+    assert body["finished_at"] is None
+    released = client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()["items"][-1]
+    assert released["type"] == "released"
+    assert released["data"] == {"attempt": 1, "reason": "agent shutting down"}
+
+    # No backoff, and the same attempt number again: max_attempts=1 still allows the run.
+    second = claim(client, agent, agent_id="a2")
+    assert second is not None and second["job"]["id"] == job["id"]
+    assert second["lease"]["attempt"] == 1
+    assert second["lease"]["lease_token"] != first["lease_token"]
+    # Released twice, still attempt 1 of 1: releases never use up the budget.
+    assert _release(client, agent, job["id"], second["lease"]["lease_token"]).status_code == 200
+    third = claim(client, agent)
+    assert third["lease"]["attempt"] == 1
+    # A lease that really expires does count: attempt 1 of 1 was the last one.
+    _expire(app, job["id"])
+    assert reap_once(app.state.xsam) == 1
+    failed = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    assert failed["status"] == "failed" and failed["error"]["type"] == "lease_expired"
+    assert _event_types(client, alice, job["id"]) == [
+        "queued", "claimed", "released", "claimed", "released", "claimed", "failed",
+    ]  # fmt: skip
+
+
+def test_release_fences_the_old_lease_token(client, alice, agent):
+    job = submit(client, alice)
+    old = claim(client, agent)["lease"]["lease_token"]
+    assert _release(client, agent, job["id"], old, reason=None).status_code == 200
+    url = f"/v1/agent/jobs/{job['id']}"
+    for path, extra in [
+        ("/heartbeat", {}),  # while queued
+        ("/metrics", {"points": [{"name": "loss", "step": 1, "value": 1.0}]}),
+        ("/events", {"events": [{"type": "log", "message": "late"}]}),
+        ("/finish", {"status": "succeeded"}),
+        ("/release", {}),  # a replayed release too
+    ]:
+        r = client.post(url + path, json={"lease_token": old, **extra}, headers=agent)
+        assert r.status_code == 409 and r.json()["code"] == "lease_lost", (path, r.text)
+    new = claim(client, agent)["lease"]["lease_token"]
+    r = client.post(url + "/heartbeat", json={"lease_token": old}, headers=agent)
+    assert r.status_code == 409  # and once it is running again under a new lease
+    r = client.post(url + "/heartbeat", json={"lease_token": new}, headers=agent)
+    assert r.status_code == 200
+    body = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    assert body["status"] == "running" and body["latest_metrics"] == {}
+    assert "log" not in _event_types(client, alice, job["id"])
+
+
+def test_release_with_a_cancel_requested_cancels(client, alice, agent):
+    job = submit(client, alice)
+    lease = claim(client, agent)["lease"]
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    r = _release(client, agent, job["id"], lease["lease_token"])
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "cancelled" and body["finished_at"] is not None
+    assert body["attempt"] == 1  # the attempt ended (cancelled), so it stays counted
+    assert claim(client, agent) is None
+    assert _event_types(client, alice, job["id"]) == [
+        "queued", "claimed", "cancel_requested", "cancelled",
+    ]  # fmt: skip
+
+
+def test_release_with_a_stale_token_is_409_and_changes_nothing(client, app, alice, agent):
+    job = submit(client, alice, max_attempts=3)
+    first = claim(client, agent)["lease"]["lease_token"]
+    _expire(app, job["id"])
+    assert reap_once(app.state.xsam) == 1  # requeued: attempt 1 used
+    second = claim(client, agent)["lease"]
+    for stale in (first, "0" * 32):  # a previous attempt's token, one never handed out
+        r = _release(client, agent, job["id"], stale)
+        assert r.status_code == 409 and r.json()["code"] == "lease_lost", r.text
+    body = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    assert body["status"] == "running" and body["attempt"] == second["attempt"] == 2
+    assert "released" not in _event_types(client, alice, job["id"])
+    r = _release(client, agent, 999, "0" * 32)
+    assert r.status_code == 404 and r.json()["code"] == "job_not_found"
+    r = _release(client, alice, job["id"], second["lease_token"])
+    assert r.status_code == 403  # a user token may not release
+
+
+def test_client_release_over_http(live_server):
+    from service.client import LeaseLost, XsamClient
+
+    with XsamClient(live_server.url, ADMIN_SECRET) as api:
+        job = api.submit(CONFIG)
+        lease = api.claim("a1", 4, 0)["lease"]
+        released = api.release(job["id"], lease["lease_token"], reason="test")
+        assert released["status"] == "queued" and released["attempt"] == 0
+        with pytest.raises(LeaseLost):
+            api.release(job["id"], lease["lease_token"])
+        assert api.claim("a1", 4, 0)["lease"]["attempt"] == 1

@@ -8,6 +8,7 @@ of its own. 4 logical CPUs on a 2-core machine: the tiny MNIST-1D jobs here are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,6 +122,46 @@ class Serve:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
+
+    @contextlib.contextmanager
+    def api_only(self, timeout: float = 60) -> Iterator[XsamClient]:
+        """`xsam serve --no-agent` on this (stopped) server's data dir and port: its queue as the
+        next start will find it, with no agent to claim anything."""
+        assert self.process is None or self.process.poll() is not None
+        cmd = [
+            sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), "--log-level", "warning",
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**os.environ, **SERVICE_ENV}, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            with self.client() as api:
+                deadline = time.monotonic() + timeout
+                while not api.ready():
+                    assert proc.poll() is None, self.log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "xsam serve --no-agent did not start"
+                    time.sleep(0.1)
+                yield api
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    def interrupt(self, timeout: float = 60) -> int:
+        """Ctrl-C: SIGINT, then wait (bounded) for a clean exit; returns the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(
+                f"xsam serve did not exit {timeout:.0f} s after SIGINT:\n"
+                + self.log.read_text()[-3000:]
+            ) from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

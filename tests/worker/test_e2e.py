@@ -2,7 +2,8 @@
 
 Each test submits tiny MNIST-1D jobs and checks what a user sees through the API: statuses,
 metrics, events, the downloaded model; cancel within 10 s; a SIGKILLed server whose job
-resumes from its checkpoint as attempt 2; failures that no retry can fix.
+resumes from its checkpoint as attempt 2; a Ctrl-C'd server whose job is released and resumes
+on the next start with no attempt used; failures that no retry can fix.
 """
 
 from __future__ import annotations
@@ -191,3 +192,64 @@ def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
         done_epochs = [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"]
         assert done_epochs == list(range(1, epochs + 1))
     victim.stop()
+
+
+def test_ctrl_c_releases_the_running_job_and_the_next_start_resumes_it(
+    serve_factory, tiny_config, wait_for, wait_terminal
+):
+    # A server of its own to interrupt. max_attempts=1: had the shutdown cost an attempt (the
+    # old lease-expiry path), the job could not run again and would end failed.
+    server = serve_factory("interrupted").start()
+    epochs = 15  # long enough that the SIGINT lands mid-run
+    with server.client() as api:
+        job = api.submit(tiny_config(schedule__epochs=epochs), name="ctrl-c", max_attempts=1)
+        wait_for(
+            lambda: any(e["type"] == "epoch_done" for e in _events(api, job["id"])),
+            240, 0.2, "the first epoch",
+        )  # fmt: skip
+    assert server.interrupt(timeout=60) == 0
+    assert (server.data_dir / "checkpoints" / f"job-{job['id']}" / "checkpoint.pt").exists()
+
+    # Between the two starts: queued again at once (not left running for the reaper), released.
+    with server.api_only() as api:
+        between = api.get_job(job["id"])
+        events = _events(api, job["id"])
+    assert between["status"] == "queued" and between["attempt"] == 0, between
+    types = [e["type"] for e in events]
+    assert types[-2:] == ["stopped", "released"], types
+    assert events[-1]["data"]["attempt"] == 1
+    stopped_at = events[-2]["data"]["step"]
+
+    server.start()
+    with server.client() as api:
+        done = wait_terminal(api, job["id"])
+        events = _events(api, job["id"])
+        series = api.metrics(job["id"])["series"]
+    server.stop()
+    assert done["status"] == "succeeded", done
+    # No failure counted: both claims were attempt 1 (of 1), and nothing was requeued.
+    assert done["attempt"] == 1
+    assert [e["data"]["attempt"] for e in events if e["type"] == "claimed"] == [1, 1]
+    types = [e["type"] for e in events]
+    assert "requeued" not in types and "attempt_ended" not in types, types
+    # The second run continued from the stop's checkpoint, not from epoch 1.
+    starts = [e for e in events if e["type"] == "started"]
+    assert len(starts) == 2 and "resumed" in starts[1]["message"], starts
+    assert starts[1]["data"]["start_step"] == stopped_at > 0
+    # Every epoch and every logged step exactly once across the two runs.
+    assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
+        range(1, epochs + 1)
+    )
+    assert [p["epoch"] for p in series["val/acc"]] == list(range(1, epochs + 1))
+    assert [p["step"] for p in series["train/loss"]] == list(range(2, epochs * 12 + 1, 2))
+
+
+def test_a_terminal_ctrl_c_reaches_serve_but_not_its_local_ray_head(ray_cluster):
+    # A terminal sends Ctrl-C's SIGINT to its whole foreground process group. Were the local
+    # head (and so its raylet and the jobs' ranks) in `xsam serve`'s group, the ranks would die
+    # mid-step, before the agent could stop them with a checkpoint and release their jobs.
+    import os
+
+    head = ray_cluster.process.pid
+    assert os.getsid(head) == head != os.getsid(0)
+    assert os.getpgid(head) != os.getpgrp()

@@ -101,3 +101,66 @@ def test_classify_follows_causes():
     except RuntimeError as outer:
         failure = classify(outer)
     assert failure.as_error() == {"type": "data_error", "message": "data set missing at /x"}
+
+
+class FakeReleaseApi:
+    """The agent's client, as far as a shutdown uses it."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[tuple] = []
+
+    def release(self, job_id, lease_token, reason=None):
+        self.calls.append(("release", job_id, lease_token))
+        if self.error is not None:
+            raise self.error
+        return {"id": job_id, "status": "queued"}
+
+    def ingest_events(self, job_id, lease_token, events):
+        self.calls.append(("events", job_id, [e["type"] for e in events]))
+        return {"received": len(events), "inserted": len(events)}
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (None, False),  # released: queued again at once, no attempt used
+        (ServiceUnreachable(0, "unreachable", "down"), False),  # left to lease expiry
+        (LeaseLost(409, "lease_lost", "gone"), True),  # already requeued: nothing more to say
+    ],
+)
+def test_a_job_stopped_for_shutdown_is_released_else_left_to_its_lease(
+    monkeypatch, tmp_path, error, lost
+):
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    import worker.agent
+    from worker.agent import Agent, AgentSettings
+    from worker.control import SHUTDOWN
+    from worker.ray_run import RunResult, RunSettings
+
+    clock = [0.0]  # _retry's backoff against a fake clock: no real waiting for the deadline
+    monkeypatch.setattr(
+        worker.agent,
+        "time",
+        SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)
+        ),
+    )
+    api = FakeReleaseApi(error)
+    settings = AgentSettings(
+        server="http://127.0.0.1:9", token="t", run=RunSettings("", "t", tmp_path, tmp_path)
+    )
+    agent = Agent(settings, client=api)
+    agent.heartbeats.add(Lease(7, "tok", 5.0, on_cancel=lambda: None, on_lost=lambda: None))
+    run = SimpleNamespace(job_id=7, lease_token="tok", attempt=1, max_attempts=1)
+    gone = threading.Event()
+    agent._conclude(run, RunResult("stopped", stop_reason=SHUTDOWN), gone)
+    releases = [c for c in api.calls if c[0] == "release"]
+    assert releases and set(releases) == {("release", 7, "tok")}
+    assert ("events", 7, ["attempt_ended"]) not in api.calls
+    assert agent.heartbeats.held() == []  # no beat with a released token
+    assert gone.is_set() is lost
+    if isinstance(error, ServiceUnreachable):
+        assert len(releases) > 1 and clock[0] <= 10 + 5  # retried, within its 10 s deadline
