@@ -2,7 +2,8 @@
 
 Runs as a Ray driver (on the head node of the cluster named by ``--ray-address``, default: the
 cluster this machine belongs to). SIGINT/SIGTERM stop the running jobs at their next step with
-a checkpoint; the service requeues them when their leases expire.
+a checkpoint and release them to the queue (no attempt spent); if the service cannot be reached
+then, their leases expire and the reaper requeues them instead.
 """
 
 from __future__ import annotations
