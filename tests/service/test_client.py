@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ADMIN_SECRET, CONFIG, free_port, serve_subprocess, wait_ready
+from service_support import ADMIN_SECRET, CONFIG, free_port, serve_subprocess, wait_ready
 
 from service.client import (
     ApiError,

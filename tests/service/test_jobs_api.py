@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ADMIN, CONFIG, bearer, claim, submit
+from service_support import ADMIN, CONFIG, TestClient, bearer, claim, make_settings, submit
 
 
 def test_submit_returns_the_job(client, alice):
@@ -215,7 +215,6 @@ def test_tokens_create_list_revoke(client):
 
 
 def test_agent_token_from_settings_is_an_agent(db_url, tmp_path):
-    from conftest import TestClient, make_settings
 
     from service.app import create_app
 
@@ -233,7 +232,6 @@ def test_agent_token_from_settings_is_an_agent(db_url, tmp_path):
 
 
 def test_body_limit_is_413(db_url, tmp_path):
-    from conftest import TestClient, make_settings
 
     from service.app import create_app
 
@@ -309,7 +307,6 @@ def test_health_ready_and_prometheus(client, alice):
 
 
 def test_readyz_is_503_without_a_database(tmp_path):
-    from conftest import TestClient, make_settings
 
     from service.app import create_app
 

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import claim, submit
+from service_support import claim, submit
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import _require_postgres, create_pg_database, drop_pg_database, pg_url
+from service_support import _require_postgres, create_pg_database, drop_pg_database, pg_url
 from sqlalchemy import create_engine, inspect
 
 from service.db.migrate import downgrade, upgrade

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ADMIN, ADMIN_SECRET, CONFIG, claim, submit
+from service_support import ADMIN, ADMIN_SECRET, CONFIG, LiveServer, claim, make_settings, submit
 from sqlalchemy import update
 
 from service import queue
@@ -268,7 +268,6 @@ def test_admin_may_call_agent_routes(client, alice):
 
 
 def test_the_app_reaps_periodically(db_url, tmp_path):
-    from conftest import LiveServer, make_settings
 
     from service.client import XsamClient
 
