@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import case, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -172,6 +172,18 @@ def claim_next(
     return job
 
 
+def _under_lease(job_id: int, lease_token: str) -> tuple[ColumnElement[bool], ...]:
+    """The fence of every agent write: this job, still running, under this lease token.
+
+    An UPDATE with it touches 0 rows exactly when the caller lost the lease.
+    """
+    return (
+        Job.id == job_id,
+        Job.lease_token == lease_token,
+        Job.status == JobStatus.RUNNING.value,
+    )
+
+
 def hold_lease(
     session: Session,
     job_id: int,
@@ -189,11 +201,7 @@ def hold_lease(
     now = now or db_now(session)
     row = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.lease_token == lease_token,
-            Job.status == JobStatus.RUNNING.value,
-        )
+        .where(*_under_lease(job_id, lease_token))
         .values(lease_expires_at=now + policy.lease, **values)
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
@@ -237,11 +245,7 @@ def finish(
         error = {"type": "failed", "message": "the agent reported a failure without a reason"}
     updated = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.lease_token == lease_token,
-            Job.status == JobStatus.RUNNING.value,
-        )
+        .where(*_under_lease(job_id, lease_token))
         .values(
             status=status.value,
             finished_at=now,
@@ -287,11 +291,7 @@ def release(session: Session, job_id: int, lease_token: str, *, reason: str | No
     cancelling = Job.cancel_requested.is_(True)
     row = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.lease_token == lease_token,
-            Job.status == JobStatus.RUNNING.value,
-        )
+        .where(*_under_lease(job_id, lease_token))
         .values(
             status=case((cancelling, JobStatus.CANCELLED.value), else_=JobStatus.QUEUED.value),
             attempt=case((cancelling, Job.attempt), else_=Job.attempt - 1),
