@@ -40,6 +40,7 @@ from xsam.data import (
     per_rank_batch_size,
     steps_per_epoch,
 )
+from xsam.distributed import releases_ddp, wrap_ddp
 from xsam.errors import ConfigurationError, DivergedError
 from xsam.evaluation import evaluate, evaluate_ranks, load_trained, weights_file
 from xsam.models import build_model
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], None]
 
 
+@releases_ddp  # before the caller destroys the process group, even when fit raises
 def fit(
     config: TrainConfig,
     *,
@@ -101,13 +103,7 @@ def fit(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     # DDP broadcasts rank 0's weights at construction; every pass's backward all-reduces grads.
-    net: nn.Module = (
-        nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        if distributed
-        else model
-    )
+    net: nn.Module = wrap_ddp(model, device) if distributed else model
     base, opt = _build_optimizer(config, model)
     scheduler = build_scheduler(base, config.schedule)
     arm = config.optimizer.name
