@@ -65,7 +65,10 @@ def pair(cell: dict[int, float], baseline: dict[int, float], mode: Mode) -> Pair
     b = [baseline[s] for s in seeds]
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     t = p = None
-    if len(seeds) >= 2 and max(diffs) != min(diffs):
+    # Equal differences (to rounding: 0.62 − 0.60 ≠ 0.66 − 0.64 in floating point) have no
+    # spread, and a t-test on them would report a meaningless p ≈ 0.
+    spread = not math.isclose(max(diffs), min(diffs), rel_tol=1e-9, abs_tol=1e-12)
+    if len(seeds) >= 2 and spread:
         result = scipy_stats.ttest_rel(a, b)
         t, p = float(result.statistic), float(result.pvalue)
     wins = sum(1 for d in diffs if (d > 0 if mode == "max" else d < 0))
