@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import distinct, func, insert, literal_column, select
+from sqlalchemy import distinct, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from service import queue
 from service.db.engine import db_now
-from service.db.models import Event, Job, JobTag, Metric, Study
+from service.db.models import Event, Job, Metric, Study
 from service.errors import JobAlreadyFinished, StudyAlreadyFinished
 from service.queue import JobStatus
 from service.study_expand import expand
@@ -28,8 +28,7 @@ _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 def create_study(session: Session, *, owner: str, spec: StudyCreate, max_jobs: int) -> Study:
     """Validate and expand `spec`, then store the study and its jobs, seed-major.
 
-    Nothing is written unless every cell is valid. The jobs share one ``created_at``; the claim
-    order (priority, then id) follows their ids, which are assigned in expansion order.
+    Nothing is written unless every cell is valid (the caller's transaction holds it all).
     """
     cells, planned = expand(spec, max_jobs=max_jobs)
     now = db_now(session)
@@ -44,45 +43,22 @@ def create_study(session: Session, *, owner: str, spec: StudyCreate, max_jobs: i
     )
     session.add(study)
     session.flush()
-    tags = list(dict.fromkeys(spec.tags))
     label = spec.name or f"study-{study.id}"
-    jobs = []
     for p in planned:
-        job = Job(
-            name=f"{label}/{p.cell.key}/seed={p.seed}"[:200],
+        # Through the queue's own enqueue, one job at a time: whatever a job needs (its owner
+        # and the rest) is set as for any submitted job, and the ids (the claim order's
+        # tiebreak after priority) follow the expansion order on every backend.
+        queue.enqueue(
+            session,
             owner=owner,
-            status=JobStatus.QUEUED.value,
-            config=p.config.model_dump(mode="json"),
+            config=p.config,
+            name=f"{label}/{p.cell.key}/seed={p.seed}"[:200],
             priority=spec.priority,
-            cpus=p.config.resources.total_cpus,
-            gpus=p.config.resources.total_gpus,
-            attempt=0,
             max_attempts=spec.max_attempts,
-            created_at=now,
-            cancel_requested=False,
+            tags=spec.tags,
             study_id=study.id,
             cell=p.cell.key,
-            tag_rows=[JobTag(tag=t) for t in tags],
         )
-        # One flush per job: the ids (and so the claim order) follow the expansion order
-        # whatever batching a backend's multi-row INSERT would do.
-        session.add(job)
-        session.flush()
-        jobs.append((job, p.seed))
-    session.execute(
-        insert(Event),
-        [
-            {
-                "job_id": job.id,
-                "time": now,
-                "type": "queued",
-                "message": f"submitted by {owner} (study {study.id}, {job.cell}, seed {seed})",
-                "data": {"study_id": study.id, "cell": job.cell, "seed": seed},
-                "key": None,
-            }
-            for job, seed in jobs
-        ],
-    )
     return study
 
 
