@@ -77,8 +77,13 @@ def enqueue(
     max_attempts: int = 3,
     tags: list[str] | None = None,
     idempotency_key: str | None = None,
+    study_id: int | None = None,
+    cell: str | None = None,
 ) -> tuple[Job, bool]:
-    """Add a job; returns (job, created). The same owner + idempotency key gives the same job."""
+    """Add a job; returns (job, created). The same owner + idempotency key gives the same job.
+
+    `study_id` and `cell` tie a job to the study that expanded into it (service/studies.py).
+    """
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, owner, idempotency_key)
         if existing is not None:
@@ -97,6 +102,8 @@ def enqueue(
         idempotency_key=idempotency_key,
         created_at=now,
         cancel_requested=False,
+        study_id=study_id,
+        cell=cell,
         tag_rows=[JobTag(tag=t) for t in dict.fromkeys(tags or [])],
     )
     try:

@@ -131,6 +131,8 @@ class JobPublic(BaseModel):
     error: ErrorInfo | None
     queue_position: int | None
     cancel_requested: bool
+    study_id: int | None = None
+    cell: str | None = None
 
     @classmethod
     def from_job(
@@ -158,6 +160,8 @@ class JobPublic(BaseModel):
             error=ErrorInfo(**job.error) if job.error else None,
             queue_position=queue_position,
             cancel_requested=job.cancel_requested,
+            study_id=job.study_id,
+            cell=job.cell,
         )
 
 
