@@ -36,6 +36,7 @@ plan=$(cat <<'EOF'
 30 tests/xsam/test_optim.py::test_ddp_ranks_agree_and_equal_one_process_on_the_global_batch
 10 tests/xsam/test_training.py::test_ddp_ranks_stay_identical tests/xsam/test_training.py::test_ranks_of_a_failed_ddp_fit_exit tests/xsam/test_training.py::test_fit_releases_its_ddp_reducer_even_when_it_raises
 10 tests/worker/test_e2e.py
+10 tests/worker/test_study_e2e.py
 10 tests/deploy/test_topology.py
 10 tests/worker/test_heartbeat_and_failures.py tests/worker/test_jobs_cli.py tests/service/test_client.py
 EOF

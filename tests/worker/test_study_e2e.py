@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Four tiny jobs on the shared server: ~100 s on a loaded 2-core machine (more when it also
+# starts the session's Ray cluster); 400 s is room for load, not for a hang.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def test_a_small_study_runs_to_finished_with_summary_and_curves(api, tiny_config, wait_for):
