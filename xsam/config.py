@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
-MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
+MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d", "densenet121")
 #: Names the data set registry (xsam/data.py) must provide; a test keeps the two in step.
 DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
 OPTIMIZER_NAMES = ("sgd", "sgd+", "sam", "xsam")
