@@ -77,6 +77,13 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
         return v
 
+    @field_validator("label_noise")
+    @classmethod
+    def _label_noise(cls, v: float) -> float:
+        if not 0 <= v < 1:  # NaN fails this too
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
     @field_validator("root")
     @classmethod
     def _relative_root(cls, v: str) -> str:
@@ -101,13 +108,6 @@ class DataConfig(_Strict):
     def _num_train(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be >= 1 when given (got {v})")
-        return v
-
-    @field_validator("label_noise")
-    @classmethod
-    def _label_noise(cls, v: float) -> float:
-        if not 0 <= v < 1:  # NaN fails this too
-            raise ValueError(f"must be in [0, 1) (got {v})")
         return v
 
 
