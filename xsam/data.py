@@ -23,9 +23,9 @@ The data root is the ``data_root`` argument, else ``$XSAM_DATA_ROOT``, else
 Images from pixels (CIFAR, Tiny-ImageNet) are stored normalised with their per-channel mean and
 std; `Dataset.pad_value` remembers where black lies, so the crop pads with black as the
 reference does before normalising (`xsam.augment`). ``data.label_noise`` = p replaces each
-training label, with probability p, by a uniformly drawn *other* class ("symmetric" noise), from
-a generator seeded by the run's seed: every rank and every retry sees the same noisy labels, and
-the test labels stay clean.
+training label, with probability p, by a uniformly drawn *other* class ("symmetric" noise,
+`xsam.label_noise`), from a generator seeded by the run's seed: every rank and every retry sees
+the same noisy labels, and the test labels stay clean.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 
 from xsam.augment import augment_images
 from xsam.errors import ConfigurationError, DataError
+from xsam.label_noise import symmetric_label_noise
 from xsam.tiny_imagenet import STATS as _TINY_IMAGENET_STATS
 from xsam.tiny_imagenet import load_tiny_imagenet
 
@@ -162,28 +163,6 @@ def load_dataset(
         label_noise_fraction=fraction,
     )
     return data.to(device) if device is not None else data
-
-
-def symmetric_label_noise(
-    labels: torch.Tensor, num_classes: int, rate: float, *, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(noisy labels, changed mask)``: each label, with probability ``rate``, becomes a
-    uniformly drawn *other* class.
-
-    "Other" so that ``rate`` is the expected fraction of wrong labels, the noise level the
-    papers report (drawing from all classes would leave 1/C of the flips correct). The draws
-    depend only on ``seed`` and the number of labels, and the flipped set at a lower rate is a
-    subset of the one at a higher rate.
-    """
-    if rate == 0:
-        return labels, torch.zeros_like(labels, dtype=torch.bool)
-    # A stream of its own (seed mixed with a constant): the noise must not move when the
-    # weight init or the batch order, which use the same seed, change how they draw.
-    g = torch.Generator().manual_seed((seed * 1_000_003 + 0x4E015E) % (2**63 - 1))
-    flip = torch.rand(len(labels), generator=g) < rate
-    shift = torch.randint(1, num_classes, (len(labels),), generator=g)
-    noisy = torch.where(flip, (labels.cpu() + shift) % num_classes, labels.cpu())
-    return noisy.to(labels.device), flip.to(labels.device)
 
 
 def _check_options(dataset: str, options: dict[str, Any], accepted: set[str]) -> None:

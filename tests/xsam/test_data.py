@@ -18,6 +18,7 @@ from xsam.data import (
     steps_per_epoch,
 )
 from xsam.errors import ConfigurationError, DataError
+from xsam.label_noise import symmetric_label_noise
 from xsam.tiny_imagenet import STATS as TINY_STATS
 
 
@@ -259,6 +260,16 @@ def test_label_noise_is_fixed_by_the_seed():
     assert torch.equal(load_dataset(noisy_config(0.2, seed=6), noise_seed=5).y_train, a.y_train)
     few = load_dataset(noisy_config(0.2, seed=5, num_train=100))
     assert torch.equal(few.y_train, a.y_train[:100])
+
+
+def test_more_noise_flips_a_superset_of_the_labels():
+    labels = torch.arange(1000) % 7
+    low, low_flipped = symmetric_label_noise(labels, 7, 0.1, seed=3)
+    high, high_flipped = symmetric_label_noise(labels, 7, 0.3, seed=3)
+    # A noise sweep corrupts the same samples first, with the same wrong classes.
+    assert (high_flipped | ~low_flipped).all() and torch.equal(high[low_flipped], low[low_flipped])
+    with pytest.raises(ConfigurationError, match=r"data\.label_noise: needs at least 2 classes"):
+        symmetric_label_noise(torch.zeros(5, dtype=torch.int64), 1, 0.5, seed=0)
 
 
 @pytest.mark.parametrize("noise", [1.5, 1.0, -0.1, float("nan")])
