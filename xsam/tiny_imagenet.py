@@ -8,13 +8,13 @@ The standard layout of ``tiny-imagenet-200`` (the zip from cs231n, unpacked)::
     val/val_annotations.txt                "<file>\\t<wnid>\\t<bbox…>" per validation image
 
 The ``test`` split has no labels, so the labelled ``val`` split is the test set, as in the
-papers. Classes are numbered in sorted wnid order (torchvision's ``ImageFolder`` order, which
-the authors' code uses). Images are converted to RGB (a few are greyscale) and resized with
-Pillow's bilinear filter, as ``torchvision.transforms.Resize`` does on PIL images.
+papers. Classes are numbered in sorted wnid order (torchvision's ``ImageFolder`` order, what a
+torchvision-based training script gets). Images are converted to RGB (a few are greyscale) and
+resized with Pillow's bilinear filter, as ``torchvision.transforms.Resize`` does on PIL images.
 
 Decoding 110 000 JPEGs takes a while, so the resized uint8 arrays are cached next to the data
-(``xsam-<size>px-<fingerprint>.npz``, keyed by the file list); a read-only data root only costs
-the decoding on every load.
+(``xsam-<size>px-<fingerprint>.npz``, keyed by the files and their labels); a read-only data
+root only costs the decoding on every load.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def load_tiny_imagenet(
     index = {wnid: i for i, wnid in enumerate(wnids)}
     train = _train_files(base, wnids, index)
     test = _val_files(base, index)
-    fingerprint = hashlib.sha256(
-        "\n".join(str(p.relative_to(base)) for p, _ in train + test).encode()
-    ).hexdigest()[:12]
+    # Labels too: an edited val_annotations.txt changes them without changing the file list.
+    listing = "\n".join(f"{p.relative_to(base)}\t{y}" for p, y in train + test)
+    fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:12]
     cache = base / f"xsam-{size}px-{fingerprint}.npz"
     if cache.exists():
         with np.load(cache) as f:
