@@ -20,9 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
-MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
+MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d", "densenet121")
 #: Names the data set registry (xsam/data.py) must provide; a test keeps the two in step.
-DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic", "tiny_imagenet")
 OPTIMIZER_NAMES = ("sgd", "sgd+", "sam", "xsam")
 #: The α search evaluates the loss once per grid point; more than this is a mistake, not a plan.
 MAX_ALPHA_PROBES = 1000
@@ -58,8 +58,14 @@ class DataConfig(_Strict):
         description="directory relative to the data root (no absolute paths, no '..')",
     )
     batch_size: int = Field(default=125, description="per-step global batch size")
-    augment: bool = Field(default=True, description="crop+flip+Cutout for images; ignored for 1-D")
+    augment: bool = Field(
+        default=True, description="crop+flip+Cutout(p=0.5) for 32×32 images; ignored otherwise"
+    )
     num_train: int | None = Field(default=None, description="train on the first N samples only")
+    label_noise: float = Field(
+        default=0.0,
+        description="fraction of training labels swapped for another class, fixed by the seed",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
@@ -69,6 +75,13 @@ class DataConfig(_Strict):
     def _known_dataset(cls, v: str) -> str:
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
+        return v
+
+    @field_validator("label_noise")
+    @classmethod
+    def _label_noise(cls, v: float) -> float:
+        if not 0 <= v < 1:  # NaN fails this too
+            raise ValueError(f"must be in [0, 1) (got {v})")
         return v
 
     @field_validator("root")
