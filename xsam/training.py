@@ -34,7 +34,6 @@ from xsam.checkpoint import (
 )
 from xsam.config import TrainConfig
 from xsam.data import (
-    augment_images,
     epoch_shard,
     load_dataset,
     per_rank_batch_size,
@@ -131,6 +130,7 @@ def fit(
             "world_size": world,
             "device": str(device),
             "num_train": len(data.y_train),
+            "label_noise_fraction": data.label_noise_fraction,
             "num_test": len(data.y_test),
         },
     )
@@ -186,7 +186,7 @@ def fit(
             if data.augment:
                 # Seeded by (seed, step, rank): a resumed run augments exactly the same way.
                 generator.manual_seed(_mix(config.seed, step, rank))
-                x = augment_images(x, generator)
+                x = data.augment_batch(x, generator)  # pads black, as the reference does
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             every = config.optimizer.search_every
