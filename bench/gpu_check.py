@@ -273,9 +273,11 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it stops its agent and Ray), then SIGKILL."""
+    """Ctrl-C the server (it stops its agent, then its Ray: the path tests/worker/test_e2e.py
+    checks; Ray's own SIGTERM handler in the server cuts that short), then SIGKILL what is left
+    of its process group."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(60)
     with contextlib.suppress(ProcessLookupError):
