@@ -72,6 +72,9 @@ def _rank(rank: int, port: int, out: str) -> None:
     from xsam.training import fit
 
     torch.cuda.set_device(0)
+    # One rank on one host: NCCL's bootstrap may use the loopback interface (the lent GPU
+    # machines reach nothing outside themselves).
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
     try:
         records: list[dict] = []
