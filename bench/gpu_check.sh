@@ -66,14 +66,15 @@ run_stage() {
         record "$name" failed 0 "no time left in the ${BUDGET} s budget"
         return
     fi
+    local t0 rc first
+    first=$(($(wc -l <"$log") + 1)) # this stage's lines start here (logs may be shared)
     echo "## stage $name" >>"$log"
     echo "\$ $*" >>"$log"
-    local t0 rc
     t0=$(date +%s)
     timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
     rc=$?
     local secs=$(($(date +%s) - t0)) reason
-    reason=$(grep -E '^(SKIPPED|FAILED): ' "$log" | tail -n 1 | cut -c1-300)
+    reason=$(tail -n "+$first" "$log" | grep -E '^(SKIPPED|FAILED): ' | tail -n 1 | cut -c1-300)
     case $rc in
     0) record "$name" passed "$secs" "" ;;
     3) record "$name" skipped "$secs" "${reason#SKIPPED: }" ;;
@@ -106,6 +107,9 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     DEVICE=cuda
 else
     DEVICE=cpu
+    if [ "$QUICK" = 0 ]; then
+        record cuda failed 0 "torch sees no CUDA device; the full check needs one (--quick runs on a CPU)"
+    fi
 fi
 
 # -- pytest -m gpu ------------------------------------------------------------------------------

@@ -121,21 +121,45 @@ def search_period(args: argparse.Namespace, batch: int) -> int:
     return args.search_every
 
 
-def gpu_busy(events, wall_s: float) -> dict[str, float]:
-    """Busy time of the GPU in profiler ``events``: the union of the CUDA kernels' intervals
+def gpu_busy(spans: list[tuple[float, float]], wall_s: float) -> dict[str, float]:
+    """Busy time of the GPU from its kernels' ``(start µs, end µs)``: the union of the intervals
     (overlapping kernels count once) and their plain sum, over ``wall_s``."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
-    )
     union, total, reach = 0.0, 0.0, -math.inf
-    for start, end in spans:
+    for start, end in sorted(spans):
         total += end - start
         if end > reach:
             union += end - max(start, reach)
             reach = end
     return {"busy_s": union / 1e6, "kernel_sum_s": total / 1e6, "wall_s": wall_s}
+
+
+#: Chrome-trace categories of work on the GPU (kineto's names).
+GPU_TRACE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def gpu_spans(prof) -> list[tuple[float, float]]:
+    """The GPU's kernel, memcpy and memset intervals in µs, read from the profiler's Chrome
+    trace (kineto's own output, stable across torch versions), else from its events."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    spans = [
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in GPU_TRACE_CATEGORIES and e.get("dur", 0) > 0
+    ]
+    if spans:
+        return spans
+    return [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    ]
 
 
 def time_training(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
@@ -299,7 +323,7 @@ def profile_arms(args, device, arms, data, autocast, median_wall) -> dict[str, d
                 one_step(name, m, opt, x, y, search=False, autocast=autocast)
             sync(device)
             wall = time.perf_counter() - t0
-        got = gpu_busy(prof.events(), wall)
+        got = gpu_busy(gpu_spans(prof), wall)
         out[name] = {
             "gpu_busy_fraction": got["busy_s"] / wall,
             "gpu_kernel_sum_fraction": got["kernel_sum_s"] / wall,

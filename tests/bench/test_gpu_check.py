@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -59,21 +58,21 @@ def test_quick_check_passes_on_the_cpu_and_reports_its_figures(tmp_path):
 
 def test_gpu_busy_counts_overlapping_kernels_once():
     step_time = load("step_time")
-
-    def event(kind: str, start: float, end: float):
-        return SimpleNamespace(
-            device_type=SimpleNamespace(name=kind), time_range=SimpleNamespace(start=start, end=end)
-        )
-
-    events = [
-        event("CUDA", 0, 400),
-        event("CUDA", 300, 500),  # overlaps the first: 100 µs counted once
-        event("CPU", 0, 1000),  # host ops are not GPU time
-        event("CUDA", 800, 900),
-    ]
-    got = step_time.gpu_busy(events, wall_s=0.001)
+    spans = [(0, 400), (800, 900), (300, 500)]  # the first and last overlap: 100 µs counted once
+    got = step_time.gpu_busy(spans, wall_s=0.001)
     assert got["busy_s"] == pytest.approx(600e-6)
     assert got["kernel_sum_s"] == pytest.approx(700e-6)
+
+
+def test_gpu_spans_come_from_the_profilers_trace():
+    # On the CPU the trace has no GPU work: the reader finds none (and does not fail).
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step_time = load("step_time")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4).add_(1)
+    assert step_time.gpu_spans(prof) == []
 
 
 def cuda_run(batch: int, xsam_sam: float, sam_sgd: float, busy: float) -> dict:
