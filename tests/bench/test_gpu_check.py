@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,12 @@ def load(name: str):
 @pytest.mark.slow
 def test_quick_check_passes_on_the_cpu_and_reports_its_figures(tmp_path):
     out = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_BUDGET_S": "170"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "GPU_CHECK_BUDGET_S": "170",
+    }
     got = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--quick", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
