@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIPPED = 3
 #: What the serve stage imports beyond the train stage (the API, the queue, Ray).
 SERVE_MODULES = ("ray", "fastapi", "uvicorn", "sqlalchemy", "alembic", "pydantic_settings")
+#: Distribution names where they differ from the module's.
+DISTRIBUTIONS = {"yaml": "PyYAML", "pydantic_settings": "pydantic-settings"}
 #: Targets of issue 14 for ResNet-18 at batch 125 with one search per epoch.
 TARGETS = {"XSAM/SAM": 1.02, "SAM/SGD": 2.05, "gpu_busy": 0.90}
 
@@ -52,12 +55,18 @@ def env_report(out: Path) -> int:
         f"python: {sys.version.split()[0]} ({sys.executable})",
         f"platform: {platform.platform()}, {os.cpu_count()} CPUs",
     ]
+    # Found, not imported (ray alone takes seconds to import): version and where it lies.
     for name in ("torch", "numpy", "pydantic", "pydantic_core", "yaml", "pytest", *SERVE_MODULES):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            lines.append(f"{name}: not installed")
+            continue
+        dist = DISTRIBUTIONS.get(name, name)
         try:
-            module = importlib.import_module(name)
-            lines.append(f"{name}: {getattr(module, '__version__', '?')} ({module.__file__})")
-        except Exception as exc:  # an absent package is a finding here, not an error
-            lines.append(f"{name}: not importable ({type(exc).__name__}: {exc})")
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        lines.append(f"{name}: {version} ({spec.origin})")
     cuda_ok = False
     with contextlib.suppress(Exception):
         import torch

@@ -102,7 +102,13 @@ else
 fi
 
 # -- env ----------------------------------------------------------------------------------------
+: >"$WORK/env.log"
 run_stage env 60 "$WORK/env.log" "$PY" bench/gpu_check.py env "$OUT/env.txt"
+{
+    echo
+    echo "---- the env stage's output ----"
+    cat "$WORK/env.log"
+} >>"$OUT/env.txt"
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     DEVICE=cuda
 else
