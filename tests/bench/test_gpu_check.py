@@ -23,6 +23,7 @@ def load(name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # ~20 s alone; the CPUs are shared
 def test_quick_check_passes_on_the_cpu_and_reports_its_figures(tmp_path):
     out = tmp_path / "results"
     env = {

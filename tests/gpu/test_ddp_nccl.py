@@ -1,32 +1,24 @@
-"""DDP with the NCCL backend at world size 1: fit() and XSAM under DDP, then a clean teardown.
+"""DDP with the NCCL backend at world size 1: fit() and XSAM under DDP, then a clean teardown
+(xsam.distributed: every DDP module released before the group is destroyed).
 
-Each run is a spawned process with a deadline: a hang in NCCL's init or teardown fails this
-test instead of stalling the whole GPU check.
+The rank is a spawned process with a deadline (process_support.run_ranks): a hang in NCCL's
+init or teardown fails this test instead of stalling the whole GPU check.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_support import free_port, run_ranks
 from torch import nn
 
 pytestmark = pytest.mark.gpu
 
-DEADLINE_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+DEADLINE_S = 100
 
 
 def _config():
@@ -69,14 +61,17 @@ def _xsam_steps(model: nn.Module, batches, search_at) -> float:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
+    from xsam.distributed import process_group, wrap_ddp
     from xsam.training import fit
 
     torch.cuda.set_device(0)
     # One rank on one host: NCCL's bootstrap may use the loopback interface (the lent GPU
     # machines reach nothing outside themselves).
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
-    try:
+    init = f"tcp://127.0.0.1:{port}"
+    # process_group releases every DDP module (ours below, fit()'s own) before it destroys
+    # the group: in the other order a rank can hang at exit (xsam/distributed.py says why).
+    with process_group("nccl", rank=rank, world_size=1, init_method=init, timeout_s=60):
         records: list[dict] = []
         summary = fit(_config(), report=records.append, data_root=out)
 
@@ -84,7 +79,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         torch.manual_seed(0)
         plain = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
         plain = plain.cuda()
-        wrapped = nn.parallel.DistributedDataParallel(copy.deepcopy(plain), device_ids=[0])
+        wrapped = wrap_ddp(copy.deepcopy(plain), torch.device("cuda", 0))
         gen = torch.Generator().manual_seed(1)
         batches = [
             (
@@ -94,37 +89,23 @@ def _rank(rank: int, port: int, out: str) -> None:
             for _ in range(4)
         ]
         alphas = (_xsam_steps(wrapped, batches, {0, 2}), _xsam_steps(plain, batches, {0, 2}))
-        ddp_state = {k: v.cpu() for k, v in wrapped.module.state_dict().items()}
-        plain_state = {k: v.cpu() for k, v in plain.state_dict().items()}
         torch.save(
             {
                 "summary": summary,
                 "records": records,
                 "alphas": alphas,
-                "ddp": ddp_state,
-                "plain": plain_state,
+                "ddp": {k: v.cpu() for k, v in wrapped.module.state_dict().items()},
+                "plain": {k: v.cpu() for k, v in plain.state_dict().items()},
                 "backend": dist.get_backend(),
             },
             os.path.join(out, "rank0.pt"),
         )
-        # Release the DDP module (its reducer holds the process group) before destroying the
-        # group: the other order can deadlock at exit. fit()'s own DDP module is already gone.
-        # TODO(integrator): use xsam/distributed.py's teardown helper once it is on main.
-        del wrapped
-        gc.collect()
         torch.cuda.synchronize()
-    finally:
-        dist.destroy_process_group()
 
 
+@pytest.mark.timeout(DEADLINE_S + 30)
 def test_fit_and_xsam_under_nccl_ddp_at_world_size_1(tmp_path):
-    context = mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=1, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=2):  # raises with the rank's traceback if it failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the NCCL rank did not finish within {DEADLINE_S} s (init or teardown)")
+    run_ranks(_rank, (free_port(), str(tmp_path)), nprocs=1, timeout_s=DEADLINE_S)
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert got["backend"] == "nccl"
     summary = got["summary"]
