@@ -422,6 +422,8 @@ def targets(data: dict[str, Any]) -> list[str]:
             f"- GPU busy ÷ wall > {100 * TARGETS['gpu_busy']:.0f} % ({shown}): "
             + verdict(min(busy.values()) > TARGETS["gpu_busy"])
         )
+    else:
+        lines.append("- GPU busy ÷ wall: not measured (see step_time.md for the profiler's error)")
     return lines
 
 
