@@ -5,19 +5,35 @@
     python bench/step_time.py --optimizer-only     # the optimizer alone, ResNet-18-sized params
     python bench/step_time.py --count-ops          # aten ops one XSAM step issues by itself
     python bench/step_time.py --device cuda        # any of the above on a GPU (skips without)
+    python bench/step_time.py --device cuda --model resnet18 --batch 125 512 \
+        --precision bf16 --json out.json              # what bench/gpu_check.sh runs
 
-Timing: every arm trains its own copy of the model on the same synthetic batches (batch 125);
-the arms run interleaved, one block of steps each per round, so that a slow spell of a shared
-machine hits all of them. XSAM searches α on the first step of each block and the per-step time
-charges one search per ``--search-every`` steps:
-``(t_search + (N − 1)·t_plain) / N``. Ratios are taken within each round, then the median over
-rounds is printed (a figure, not a pass/fail test).
+Timing: every arm trains its own copy of the model on the same synthetic batches (batch 125 by
+default; several ``--batch`` values run one after the other); the arms run interleaved, one
+block of steps each per round, so that a slow spell of a shared machine hits all of them. XSAM
+searches α on the first step of each block and the per-step time charges one search per
+``--search-every`` steps: ``(t_search + (N − 1)·t_plain) / N``. Ratios are taken within each
+round, then the median over rounds is printed (a figure, not a pass/fail test).
+
+On CUDA the defaults are what `fit()` does with a default config: channels_last for image
+models, fp32 unless ``--precision bf16`` (fit's ``precision: bf16``), and one search per epoch
+(``--search-every epoch``: ⌈epoch size ÷ batch⌉ steps, the epoch being CIFAR's 50 000 images
+for image models and MNIST-1D's 4 000 for cnn1d; 400 steps at batch 125). On the CPU the
+search period stays 32 steps, as in the figures docs/results.md quotes. On CUDA each arm also
+reports its peak memory (``torch.cuda.max_memory_allocated`` over its own blocks; it includes
+the other arms' resident weights and optimizer state) and the GPU's busy time ÷ wall time over
+``--profile-steps`` steady-state steps under torch.profiler (the union of the CUDA kernels'
+intervals; the profiler's own CPU overhead makes this a lower bound when the step is
+launch-bound, so the busy time over the unprofiled wall time is reported beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
+import math
 import os
 import platform
 import statistics
@@ -79,10 +95,11 @@ def make_arms(model: nn.Module, args: argparse.Namespace) -> dict[str, tuple[nn.
     return arms
 
 
-def one_step(name: str, model: nn.Module, opt, x, y, search: bool) -> None:
+def one_step(name: str, model: nn.Module, opt, x, y, search: bool, autocast=None) -> None:
     def closure(backward: bool = True):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            loss = nn.functional.cross_entropy(model(x), y)
         if backward:
             loss.backward()
         return loss
@@ -94,40 +111,120 @@ def one_step(name: str, model: nn.Module, opt, x, y, search: bool) -> None:
         opt.step(closure, search_alpha=search)
 
 
-def time_training(args: argparse.Namespace, device: torch.device) -> None:
+#: Training-set size that "one epoch" stands for, per model's data shape (see the docstring).
+EPOCH_SIZE = {"cnn1d": 4000, "resnet18": 50_000}
+
+
+def search_period(args: argparse.Namespace, batch: int) -> int:
+    if args.search_every == "epoch":
+        return math.ceil(EPOCH_SIZE[args.model] / batch)
+    return args.search_every
+
+
+def gpu_busy(spans: list[tuple[float, float]], wall_s: float) -> dict[str, float]:
+    """Busy time of the GPU from its kernels' ``(start µs, end µs)``: the union of the intervals
+    (overlapping kernels count once) and their plain sum, over ``wall_s``."""
+    union, total, reach = 0.0, 0.0, -math.inf
+    for start, end in sorted(spans):
+        total += end - start
+        if end > reach:
+            union += end - max(start, reach)
+            reach = end
+    return {"busy_s": union / 1e6, "kernel_sum_s": total / 1e6, "wall_s": wall_s}
+
+
+#: Chrome-trace categories of work on the GPU (kineto's names).
+GPU_TRACE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def gpu_spans(prof) -> list[tuple[float, float]]:
+    """The GPU's kernel, memcpy and memset intervals in µs, read from the profiler's Chrome
+    trace (kineto's own output, stable across torch versions), else from its events."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    spans = [
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in GPU_TRACE_CATEGORIES and e.get("dur", 0) > 0
+    ]
+    if spans:
+        return spans
+    return [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    ]
+
+
+def time_training(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
     model, shape, source = make_model(args.model)
     model.to(device).train()
+    # As fit() does: channels_last for 4-D image batches on CUDA, bf16 autocast on CUDA only.
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = device.type == "cuda" and len(shape) == 3
+    if channels_last and len(shape) != 3:
+        raise SystemExit(f"--channels-last needs an image model; {args.model} takes {shape}")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    autocast = None
+    if args.precision == "bf16":
+        if device.type == "cuda":
+            autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        else:
+            print("--precision bf16 applies on CUDA only (as in fit()); timing fp32")
+    precision = "bf16" if autocast is not None else "fp32"
+    every = search_period(args, batch)
+    block = min(args.block, every)
     gen = torch.Generator().manual_seed(0)
-    data = [
-        (
-            torch.randn(args.batch, *shape, generator=gen).to(device),
-            torch.randint(0, 10, (args.batch,), generator=gen).to(device),
-        )
-        for _ in range(8)
-    ]
+    data = []
+    for _ in range(8):
+        x = torch.randn(batch, *shape, generator=gen).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        data.append((x, torch.randint(0, 10, (batch,), generator=gen).to(device)))
     arms = make_arms(model, args)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.parameters())
+    layout = "channels_last" if channels_last else "contiguous (NCHW)"
     print(
         f"model: {args.model} from {source}, {n_params:,} parameters in {n_tensors} tensors; "
-        f"batch {args.batch}, input {shape}, device {device}"
+        f"batch {batch}, input {shape}, device {device}, {layout}, {precision}"
     )
     print(
-        f"rounds: {args.rounds} (+{args.warmup_rounds} warm-up), block: {args.block} steps per arm per round, "
-        f"XSAM searches once per {args.search_every} steps"
+        f"rounds: {args.rounds} (+{args.warmup_rounds} warm-up), block: {block} steps per arm "
+        f"per round, XSAM searches once per {every} steps"
+        + (" (one epoch)" if args.search_every == "epoch" else "")
     )
+    cuda = device.type == "cuda"
+    peak = {name: 0 for name in arms}
+    working = {name: 0 for name in arms}
 
     def run_block(name: str) -> dict[str, list[float]]:
         m, opt = arms[name]
         times: dict[str, list[float]] = {"wall": [], "cpu": []}
-        for i in range(args.block):
+        if cuda:
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        for i in range(block):
             x, y = data[i % len(data)]
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            one_step(name, m, opt, x, y, search=name == "XSAM" and i == 0)
+            one_step(name, m, opt, x, y, search=name == "XSAM" and i == 0, autocast=autocast)
             sync(device)
             times["wall"].append(time.perf_counter() - t0)
             times["cpu"].append(time.process_time() - c0)
+        if cuda:
+            top = torch.cuda.max_memory_allocated(device)
+            peak[name] = max(peak[name], top)
+            working[name] = max(working[name], top - before)
         return times
 
     clocks = ("wall", "cpu")
@@ -145,20 +242,36 @@ def time_training(args: argparse.Namespace, device: torch.device) -> None:
             t = {name: statistics.fmean(got[name][c]) for name in ("SGD", "SAM")}
             xs = got["XSAM"][c]
             plain = statistics.fmean(xs[1:]) if len(xs) > 1 else t["SAM"]
-            t["XSAM"] = (xs[0] + (args.search_every - 1) * plain) / args.search_every
+            t["XSAM"] = (xs[0] + (every - 1) * plain) / every
             for name in names:
                 per_step[c][name].append(t[name])
             ratios[c]["SAM/SGD"].append(t["SAM"] / t["SGD"])
             ratios[c]["XSAM/SGD"].append(t["XSAM"] / t["SGD"])
             ratios[c]["XSAM/SAM"].append(t["XSAM"] / t["SAM"])
 
+    median_wall = {name: statistics.median(per_step["wall"][name]) for name in names}
+    busy = profile_arms(args, device, arms, data, autocast, median_wall) if cuda else {}
+
     print()
-    print("| arm | median wall ms/step | median CPU ms/step |")
-    print("|---|---|---|")
+    print("| arm | median wall ms/step | images/s | median CPU ms/step | peak MiB | GPU busy |")
+    print("|---|---|---|---|---|---|")
+    result_arms = {}
     for name in names:
         wall, cpu = (1e3 * statistics.median(per_step[c][name]) for c in clocks)
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
-    print(f"| (XSAM search step alone) | {1e3 * statistics.median(search_times):.2f} | |")
+        row = {
+            "ms_per_step": wall,
+            "images_per_s": batch / (wall / 1e3),
+            "cpu_ms_per_step": cpu,
+            "peak_mib": peak[name] / 2**20 if cuda else None,
+            "step_mib": working[name] / 2**20 if cuda else None,
+            **busy.get(name, {}),
+        }
+        result_arms[name] = row
+        mem = f"{row['peak_mib']:.0f}" if cuda else "n/a"
+        util = f"{100 * row['gpu_busy_fraction']:.1f} %" if "gpu_busy_fraction" in row else "n/a"
+        print(f"| {name} | {wall:.2f} | {row['images_per_s']:.0f} | {cpu:.2f} | {mem} | {util} |")
+    search_ms = 1e3 * statistics.median(search_times)
+    print(f"| (XSAM search step alone) | {search_ms:.2f} | | | | |")
     print()
     print("| ratio | wall: median over rounds (min–max) | CPU time: median (min–max) |")
     print("|---|---|---|")
@@ -168,6 +281,62 @@ def time_training(args: argparse.Namespace, device: torch.device) -> None:
             for v in (ratios[c][key] for c in clocks)
         ]
         print(f"| {key} | {cells[0]} | {cells[1]} |")
+    print()
+    return {
+        "model": args.model,
+        "batch": batch,
+        "input_shape": list(shape),
+        "parameters": n_params,
+        "channels_last": channels_last,
+        "precision": precision,
+        "search_every": every,
+        "rounds": args.rounds,
+        "block": block,
+        "arms": result_arms,
+        "search_step_ms": search_ms,
+        "ratios": {
+            key: {
+                "median": statistics.median(v),
+                "min": min(v),
+                "max": max(v),
+                "cpu_median": statistics.median(ratios["cpu"][key]),
+            }
+            for key, v in ratios["wall"].items()
+        },
+    }
+
+
+def profile_arms(args, device, arms, data, autocast, median_wall) -> dict[str, dict[str, float]]:
+    """GPU busy ÷ wall per arm over ``--profile-steps`` steady-state steps (no α search)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, (m, opt) in arms.items():
+        n = args.profile_steps
+        if n < 1:
+            continue
+        sync(device)
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for i in range(n):
+                    x, y = data[i % len(data)]
+                    one_step(name, m, opt, x, y, search=False, autocast=autocast)
+                sync(device)
+                wall = time.perf_counter() - t0
+            got = gpu_busy(gpu_spans(prof), wall)
+        except Exception as exc:  # no profiler here must not cost the timings above
+            print(f"{name}: torch.profiler failed, no GPU busy figure: {exc!r}")
+            out[name] = {"gpu_busy_error": repr(exc)}
+            continue
+        out[name] = {
+            "gpu_busy_fraction": got["busy_s"] / wall,
+            "gpu_kernel_sum_fraction": got["kernel_sum_s"] / wall,
+            # The same busy time over the unprofiled wall time: free of the profiler's overhead.
+            "gpu_busy_fraction_unprofiled_wall": got["busy_s"] / (n * median_wall[name]),
+            "profiled_steps": n,
+        }
+    return out
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
@@ -304,40 +473,103 @@ def count_ops(args: argparse.Namespace, device: torch.device) -> None:
         print("  other:   " + ", ".join(f"{k[6:]}×{v}" for k, v in sorted(other.items())))
 
 
+def search_every_arg(text: str) -> int | str:
+    if text == "epoch":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'epoch' or a step count >= 1 (got {text})")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cnn1d", choices=["cnn1d", "resnet18"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=125)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[125], help="batch size(s), timed in turn"
+    )
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (median over them)")
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--block", type=int, default=32, help="steps per arm per round")
-    parser.add_argument("--search-every", type=int, default=32)
+    parser.add_argument(
+        "--search-every",
+        type=search_every_arg,
+        default=None,
+        help="XSAM's search period: 'epoch' or a step count (default: epoch on CUDA, 32 on CPU)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last weights and inputs (default: on for image models on CUDA, as fit())",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 = autocast to bfloat16 on CUDA (fit()'s precision: bf16); default fp32",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=8,
+        help="CUDA: steps per arm under torch.profiler for GPU busy ÷ wall (0: skip)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
     parser.add_argument("--repeats", type=int, default=20, help="for --optimizer-only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--optimizer-only", action="store_true")
     parser.add_argument("--count-ops", action="store_true")
     args = parser.parse_args()
-    if not 1 <= args.block <= args.search_every:
-        parser.error("--block must be in [1, --search-every]")
 
     device = torch.device(args.device)
+    if args.search_every is None:
+        args.search_every = "epoch" if device.type == "cuda" else 32
+    if args.block < 1:
+        parser.error("--block must be >= 1")
+    if isinstance(args.search_every, int) and args.block > args.search_every:
+        parser.error("--block must be in [1, --search-every]")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available on this machine; skipping.")
+        if args.json:
+            write_json(args.json, {"skipped": "CUDA is not available on this machine"})
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(
-        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs{gpu}; torch {torch.__version__}, {args.threads} thread(s)"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    machine = (
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs{f', {gpu}' if gpu else ''}"
     )
+    print(f"machine: {machine}; torch {torch.__version__}, {args.threads} thread(s)")
     if args.count_ops:
         count_ops(args, device)
     elif args.optimizer_only:
         time_optimizer(args, device)
     else:
-        time_training(args, device)
+        runs: list[dict] = []
+        for batch in args.batch:
+            runs.append(time_training(args, device, batch))
+            if args.json:  # after every batch size: a later failure keeps the earlier figures
+                write_json(
+                    args.json,
+                    {
+                        "machine": machine,
+                        "device": str(device),
+                        "gpu": gpu,
+                        "torch": torch.__version__,
+                        "cuda": torch.version.cuda,
+                        "threads": args.threads,
+                        "runs": runs,
+                    },
+                )
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
 
 
 if __name__ == "__main__":
