@@ -240,7 +240,8 @@ def fit(
 
             # should_stop() is a host call, cheap; under DDP the ranks only agree at a read.
             requested = requested or (bool(should_stop()) if should_stop is not None else False)
-            if not (step % config.log_every == 0 or done == spe or (requested and not distributed)):
+            report_due = step % config.log_every == 0 or done == spe
+            if not (report_due or (requested and not distributed)):
                 continue
             window = stats.read(stop_requested=requested, distributed=distributed, comm=comm)
             if window.first_bad_step is not None:
@@ -251,15 +252,17 @@ def fit(
                     f"{config.optimizer.lr})"
                 )
             epoch_loss, epoch_count = epoch_loss + window.loss_sum, epoch_count + window.count
-            values = {
-                "train/loss": window.loss_sum / window.count,
-                "train/acc": window.correct / window.count,
-                "lr": float(base.param_groups[0]["lr"]),
-                "throughput/samples_per_s": window.count * world / window.seconds,
-            }
-            if arm != "sgd":
-                values.update(_xsam_stats(opt))
-            metrics(step, epoch + 1, values)
+            # Not at a stop between two reports: a resumed run's series stays evenly spaced.
+            if report_due:
+                values = {
+                    "train/loss": window.loss_sum / window.count,
+                    "train/acc": window.correct / window.count,
+                    "lr": float(base.param_groups[0]["lr"]),
+                    "throughput/samples_per_s": window.count * world / window.seconds,
+                }
+                if arm != "sgd":
+                    values.update(_xsam_stats(opt))
+                metrics(step, epoch + 1, values)
             if window.stop:
                 stop = True
                 break

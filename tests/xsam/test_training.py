@@ -175,6 +175,12 @@ def test_stop_mid_epoch_then_resume_exactly(data_root, tmp_path):
     assert stopped["epochs_completed"] == 1
     assert checkpoints[-1]["position"] == [1, 5]  # epoch index 1, five batches done
     assert records[-1]["type"] == "stopped"
+    # A single process stops at the very step it is asked to; the partial window is not
+    # reported, so the resumed run's train series keeps its log_every spacing.
+    train_steps = [
+        r["step"] for r in records if r["kind"] == "metrics" and "train/loss" in r["values"]
+    ]
+    assert train_steps == [4, 8, 12]
     assert not (tmp_path / "never.pt").exists()  # weights_out is for finished runs
 
     resumed = fit(
@@ -283,6 +289,20 @@ def test_sync_batchnorm_converts_every_batchnorm_and_keeps_the_checkpoint_keys()
     assert list(synced.state_dict()) == keys  # weights files load into the plain model
     with pytest.raises(ConfigurationError, match=r"^sync_batchnorm: needs CUDA"):
         training._sync_batchnorm(model, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_weights(data_root, tmp_path):
+    # ~30 s on one CPU core, almost all of it inductor compiling the probes' and passes' graphs.
+    config = make_config(
+        model={"name": "mlp", "options": {"hidden": [16]}},
+        data={"name": "synthetic", "batch_size": 20, "options": {"shape": [20], "num_train": 100}},
+        schedule={"epochs": 1},
+        compile_model=True,
+    )
+    summary = fit(config, data_root=data_root, weights_out=tmp_path / "m.pt")
+    assert summary["status"] == "completed" and summary["steps"] == 5
+    assert load_trained(tmp_path / "m.pt") is not None  # no "_orig_mod." prefixes
 
 
 def test_fake_cifar_trains_with_augmentation(tmp_path):
