@@ -279,6 +279,18 @@ def test_a_global_batch_that_ranks_cannot_split_evenly_is_refused_at_submit():
     assert make_config(data={"batch_size": 128}, resources={"num_workers": 4})
 
 
+@pytest.mark.parametrize("world", [2, 4, 5])
+def test_the_ranks_shards_of_a_step_make_up_the_one_gpu_batch(world):
+    # docs/training.md: "Not a difference: the batches" — the same samples per step as one GPU.
+    n, batch, epoch = 403, 20, 3
+    one = epoch_shard(n, epoch, seed=7)
+    shards = [epoch_shard(n, epoch, seed=7, rank=r, world_size=world) for r in range(world)]
+    per_rank = batch // world
+    for i in range(n // batch):
+        together = torch.cat([s[i * per_rank : (i + 1) * per_rank] for s in shards])
+        assert sorted(together.tolist()) == sorted(one[i * batch : (i + 1) * batch].tolist())
+
+
 def test_sync_batchnorm_converts_every_batchnorm_and_keeps_the_checkpoint_keys():
     config = make_config(sync_batchnorm=True)
     model = training.build_model(config, input_shape=(1, 40), num_classes=10)
