@@ -98,13 +98,13 @@ def fit(
         emit({"kind": "metrics", "step": step, "epoch": epoch, "values": values})
 
     # --- data, model, optimizer -----------------------------------------------------------
-    data = load_dataset(config, data_root=data_root, device=device)
     if config.data.batch_size % world:
         # TrainConfig refuses this against resources.num_workers; the launcher may differ.
         raise ConfigurationError(
             f"data.batch_size: must be divisible by the {world} ranks (got "
             f"{config.data.batch_size}); an uneven split would change the batch silently"
         )
+    data = load_dataset(config, data_root=data_root, device=device)
     batch = per_rank_batch_size(config.data.batch_size, world)
     spe = steps_per_epoch(len(data.y_train), config.data.batch_size, world)
     epochs = config.schedule.epochs

@@ -112,6 +112,22 @@ def test_reports_follow_the_contract_and_weights_reload(data_root, tmp_path):
     assert again["val/loss"] == pytest.approx(summary["metrics"]["val/loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("accuracies", "best", "last5"),
+    [
+        ([0.5], 0.5, 0.5),  # one evaluation
+        ([0.1, 0.9, 0.3], 0.9, 13 / 30),  # fewer than five: the mean of all
+        ([0.2, 0.95, 0.4, 0.5, 0.6, 0.7, 0.8], 0.95, 0.6),  # the best is not among the last 5
+    ],
+)
+def test_best_and_last5_accuracies(accuracies, best, last5):
+    from xsam.evaluation import accuracy_summary
+
+    summary = accuracy_summary(accuracies)
+    assert summary["val/acc_best"] == best
+    assert summary["val/acc_last5"] == pytest.approx(last5)
+
+
 def test_sgd_reports_only_train_metrics(data_root):
     records = []
     fit(
@@ -187,7 +203,8 @@ def test_stop_mid_epoch_then_resume_exactly(data_root, tmp_path):
         config, data_root=data_root, resume_from=tmp_path / "c", weights_out=tmp_path / "resumed.pt"
     )
     assert resumed["steps"] == 24 and resumed["alpha"] == full["alpha"]
-    assert resumed["metrics"]["val/acc"] == full["metrics"]["val/acc"]
+    for name in ("val/acc", "val/acc_best", "val/acc_last5"):  # the history is checkpointed
+        assert resumed["metrics"][name] == full["metrics"][name], name
     assert state_dicts_equal(weights(tmp_path / "full.pt"), weights(tmp_path / "resumed.pt"))
 
 
