@@ -45,6 +45,7 @@ from xsam.data import (
     per_rank_batch_size,
     steps_per_epoch,
 )
+from xsam.distributed import releases_ddp, wrap_ddp
 from xsam.errors import ConfigurationError, DivergedError
 from xsam.evaluation import (
     accuracy_summary,
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], None]
 
 
+@releases_ddp  # before the caller destroys the process group, even when fit raises
 def fit(
     config: TrainConfig,
     *,
@@ -128,13 +130,7 @@ def fit(
     if distributed and config.sync_batchnorm:
         model = _sync_batchnorm(model, device)
     # DDP broadcasts rank 0's weights at construction; every pass's backward all-reduces grads.
-    net: nn.Module = (
-        nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        if distributed
-        else model
-    )
+    net: nn.Module = wrap_ddp(model, device) if distributed else model
     if config.compile_model:
         net = torch.compile(net)  # same parameters and buffers: the optimizer sees `model`
     base, opt = _build_optimizer(config, model)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from host_syncs import count_host_syncs
+from process_support import free_port, run_ranks
 from pydantic import ValidationError
 
 import xsam.training as training
@@ -371,13 +372,11 @@ def test_cuda_bf16_channels_last_trains(tmp_path):
 
 
 def _ddp_rank(rank, world, port, out, data_root):
-    import torch.distributed as dist
-
     import xsam.training as training
+    from xsam.distributed import process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     built = []
     real_build = training.build_model
 
@@ -387,7 +386,7 @@ def _ddp_rank(rank, world, port, out, data_root):
 
     training.build_model = capture  # keep a handle on this rank's model
     records = []
-    try:
+    with process_group("gloo", rank=rank, world_size=world, timeout_s=60):
         summary = training.fit(
             make_config(schedule={"epochs": 2}), report=records.append, data_root=data_root
         )
@@ -395,16 +394,64 @@ def _ddp_rank(rank, world, port, out, data_root):
             {"state": built[0].state_dict(), "alpha": summary["alpha"], "records": records},
             Path(out) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
+
+
+def test_fit_releases_its_ddp_reducer_even_when_it_raises(data_root):
+    """The traceback of fit's exception keeps its frame, and so its DDP module, alive. Were the
+    module's Reducer still there when the caller (a test, Ray Train) destroys the process group,
+    the Reducer would hold the group's last reference and destroy it later with the GIL held:
+    the rank hangs at exit. fit releases the Reducer on the way out instead."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from xsam.distributed import process_group
+
+    config = make_config(
+        model={"name": "mlp", "options": {"hidden": [8]}},
+        data={"name": "synthetic", "options": {"shape": [20], "num_train": 200}},
+        optimizer={"name": "sgd", "lr": 1e12},
+    )
+    init = f"tcp://127.0.0.1:{free_port()}"
+    with process_group("gloo", rank=0, world_size=1, init_method=init, timeout_s=30):
+        with pytest.raises(DivergedError) as caught:
+            fit(config, data_root=data_root)
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+        assert alive, "the traceback should still reach fit's DDP module"
+        assert all(getattr(net, "reducer", None) is None for net in alive)
+        del caught
+
+
+def _diverging_ddp_rank(rank, world, port, data_root):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = make_config(
+        model={"name": "mlp", "options": {"hidden": [8]}},
+        data={"name": "synthetic", "options": {"shape": [20], "num_train": 200}},
+        optimizer={"name": "sgd", "lr": 1e12},
+    )
+    # The bare torch calls, as Ray Train's TorchConfig makes them around a rank's loop: only
+    # fit's own release of its DDP module stands between this rank and a hang at exit.
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fit(config, data_root=data_root)
+    except DivergedError as exc:
+        kept = exc  # as Ray Train keeps a rank's error: fit's frame stays reachable
+    dist.destroy_process_group()
+    assert kept.__traceback__ is not None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_ranks_of_a_failed_ddp_fit_exit(data_root):
+    """Both ranks diverge, keep the exception, destroy the group and must exit (not hang)."""
+    run_ranks(_diverging_ddp_rank, (2, free_port(), str(data_root)), nprocs=2, timeout_s=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_ddp_ranks_stay_identical(data_root, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, args=(2, port, str(tmp_path), str(data_root)), nprocs=2)
+    run_ranks(_ddp_rank, (2, free_port(), str(tmp_path), str(data_root)), nprocs=2, timeout_s=90)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     params = [k for k in r0["state"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)
@@ -422,11 +469,10 @@ def test_ddp_ranks_stay_identical(data_root, tmp_path):
 
 
 def _ddp_dropout_rank(rank, world, port, out):
-    import torch.distributed as dist
+    from xsam.distributed import process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     built, rng_at_dropout = [], []
     real_build = training.build_model
 
@@ -449,21 +495,17 @@ def _ddp_dropout_rank(rank, world, port, out):
         schedule={"epochs": 1},
         resources={"num_workers": world},
     )
-    try:
-        training.fit(config)
+    with process_group("gloo", rank=rank, world_size=world, timeout_s=60):
+        training.fit(config, data_root=out)
         torch.save(
             {"state": built[0].state_dict(), "rng": rng_at_dropout}, Path(out) / f"rank{rank}.pt"
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_ddp_ranks_draw_different_dropout_masks_yet_stay_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_dropout_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    run_ranks(_ddp_dropout_rank, (2, free_port(), str(tmp_path)), nprocs=2, timeout_s=90)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert len(r0["rng"]) == len(r1["rng"]) > 0
     assert not any(torch.equal(a, b) for a, b in zip(r0["rng"], r1["rng"], strict=True))
