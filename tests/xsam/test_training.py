@@ -513,6 +513,35 @@ def test_ddp_ranks_draw_different_dropout_masks_yet_stay_identical(tmp_path):
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)
 
 
+def _ddp_stop_rank(rank, world, port, out, data_root):
+    from xsam.distributed import process_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    polls = []
+
+    def should_stop():  # only rank 1 is asked, after its 9th step
+        polls.append(1)
+        return rank == 1 and len(polls) >= 9
+
+    with process_group("gloo", rank=rank, world_size=world, timeout_s=60):
+        summary = training.fit(make_config(), should_stop=should_stop, data_root=data_root)
+    torch.save(summary, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ddp_ranks_agree_to_stop_at_the_next_read(data_root, tmp_path):
+    # log_every 4: rank 1's request after step 9 is acted on by both ranks at step 12, the
+    # documented cancel latency (≤ log_every steps), with no per-step all-reduce.
+    run_ranks(
+        _ddp_stop_rank, (2, free_port(), str(tmp_path), str(data_root)), nprocs=2, timeout_s=90
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["status"] == r1["status"] == "stopped"
+    assert r0["steps"] == r1["steps"] == 12
+
+
 # --- the CLI ------------------------------------------------------------------------------
 
 
