@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -407,7 +408,9 @@ def _report_search(opt, step, epoch, distributed, world, comm, event, metrics) -
     stats = opt.last_stats
     alpha = float(opt.alpha)
     alphas = [float(a) for a in stats.get("probe_alphas", [])]
-    losses = [float(v) for v in stats.get("probe_losses", [])]
+    # JSON has no NaN: a diverging step's probes (reported before the read that fails the run)
+    # become null.
+    losses = [v if math.isfinite(v) else None for v in map(float, stats.get("probe_losses", []))]
     event(
         "alpha_search",
         f"α = {alpha:g} at step {step}",
