@@ -303,7 +303,20 @@ class TrainConfig(_Strict):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(default=1, description="evaluate on the test split every N epochs")
-    log_every: int = Field(default=10, description="report train metrics every N steps")
+    log_every: int = Field(
+        default=10,
+        description="read the train statistics back, report them and poll for stop/divergence "
+        "every N steps",
+    )
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="under DDP, BatchNorm normalises with the statistics of the global batch "
+        "(CUDA only)",
+    )
+    cudnn_benchmark: bool = Field(
+        default=False, description="let cuDNN pick the fastest convolution algorithms (CUDA only)"
+    )
+    compile_model: bool = Field(default=False, description="wrap the model in torch.compile")
 
     @field_validator("eval_every", "log_every")
     @classmethod
@@ -318,6 +331,19 @@ class TrainConfig(_Strict):
         if not 0 <= v < 2**63:
             raise ValueError(f"must be in [0, 2**63) (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        # Splitting unevenly would silently train on a smaller batch at the same learning rate.
+        ranks, batch = self.resources.num_workers, self.data.batch_size
+        if batch % ranks:
+            lower, upper = batch - batch % ranks, batch + ranks - batch % ranks
+            raise ValueError(
+                f"data.batch_size: must be divisible by resources.num_workers ({ranks}) so "
+                f"that every rank takes the same share of the global batch (got {batch}; "
+                f"e.g. {lower or upper} or {upper})"
+            )
+        return self
 
 
 def describe_errors(error: ValidationError) -> list[str]:
