@@ -148,6 +148,7 @@ def job_config(device: str, quick: bool) -> dict[str, Any]:
         "schedule": {"epochs": epochs},
         "resources": {"num_workers": 1, "use_gpu": device == "cuda"},
         "precision": "bf16" if device == "cuda" else "fp32",
+        "cudnn_benchmark": device == "cuda",
         "log_every": 10,
     }
 

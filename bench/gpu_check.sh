@@ -131,6 +131,7 @@ if [ "$QUICK" = 1 ]; then
 elif [ "$DEVICE" = cuda ]; then
     run_stage step_time 240 "$OUT/step_time.md" "$PY" bench/step_time.py --device cuda \
         --model resnet18 --batch 125 512 --channels-last --precision bf16 --search-every epoch \
+        --cudnn-benchmark \
         --rounds 10 --block 32 --profile-steps 8 --json "$OUT/step_time.json"
 else
     echo '{"skipped": "CUDA is not available on this machine"}' >"$OUT/step_time.json"

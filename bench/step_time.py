@@ -288,6 +288,7 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
         "input_shape": list(shape),
         "parameters": n_params,
         "channels_last": channels_last,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "precision": precision,
         "search_every": every,
         "rounds": args.rounds,
@@ -511,6 +512,11 @@ def main() -> None:
         help="bf16 = autocast to bfloat16 on CUDA (fit()'s precision: bf16); default fp32",
     )
     parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="torch.backends.cudnn.benchmark = True (TrainConfig's cudnn_benchmark: true)",
+    )
+    parser.add_argument(
         "--profile-steps",
         type=int,
         default=8,
@@ -536,6 +542,8 @@ def main() -> None:
             write_json(args.json, {"skipped": "CUDA is not available on this machine"})
         return
     torch.set_num_threads(args.threads)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     machine = (

@@ -36,6 +36,9 @@ def _config():
             "schedule": {"epochs": 2},
             "resources": {"use_gpu": True},
             "precision": "bf16",
+            # The CUDA-only switches: SyncBatchNorm's forward and backward run only here.
+            "sync_batchnorm": True,
+            "cudnn_benchmark": True,
             "log_every": 1,
         }
     )
