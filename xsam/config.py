@@ -317,6 +317,11 @@ class TrainConfig(_Strict):
         default=False, description="let cuDNN pick the fastest convolution algorithms (CUDA only)"
     )
     compile_model: bool = Field(default=False, description="wrap the model in torch.compile")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="capture each non-search training step in a CUDA graph and replay it "
+        "(one GPU, no DDP, not with compile_model)",
+    )
 
     @field_validator("eval_every", "log_every")
     @classmethod
@@ -331,6 +336,25 @@ class TrainConfig(_Strict):
         if not 0 <= v < 2**63:
             raise ValueError(f"must be in [0, 2**63) (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _cuda_graphs_supported(self) -> TrainConfig:
+        if not self.cuda_graphs:
+            return self
+        if not self.resources.use_gpu:
+            raise ValueError("cuda_graphs: needs resources.use_gpu: true (a CUDA feature)")
+        if self.resources.num_workers > 1:
+            raise ValueError(
+                f"cuda_graphs: one GPU only (got resources.num_workers "
+                f"{self.resources.num_workers}); DDP's all-reduce in every backward is not "
+                "captured"
+            )
+        if self.compile_model:
+            raise ValueError(
+                "cuda_graphs: not with compile_model (torch.compile's mode='reduce-overhead' "
+                "is its own CUDA-graph path); pick one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

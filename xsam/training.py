@@ -39,6 +39,7 @@ from xsam.checkpoint import (
     set_rng_state,
 )
 from xsam.config import TrainConfig
+from xsam.cuda_graph import GraphedStep
 from xsam.data import (
     epoch_shard,
     load_dataset,
@@ -122,7 +123,8 @@ def fit(
     channels_last = device.type == "cuda" and data.x_train.ndim == 4
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    autocast = _autocast(config, device)
+    # Autocast's weight cache must be off inside a CUDA-graph capture; the numbers are the same.
+    autocast = _autocast(config, device, cache=not config.cuda_graphs)
 
     ckpt = load_checkpoint(resume_from) if resume_from is not None else None
     if ckpt is not None:
@@ -137,6 +139,7 @@ def fit(
     scheduler = build_scheduler(base, config.schedule)
     arm = config.optimizer.name
     dynamic = arm != "sgd" and config.optimizer.effective_alpha == "dynamic"
+    graphed = _graphed_step(config, device, distributed, world, net, base, opt, autocast, batch)
 
     epoch0, batch0, step, epochs_done = 0, 0, 0, 0
     final: dict[str, float] = {}
@@ -228,7 +231,10 @@ def fit(
             every = config.optimizer.search_every
             search = dynamic and (i == 0 if every == "epoch" else step % every == 0)
 
-            loss, correct, finite = _train_step(net, base, opt, x, y, autocast, search)
+            if graphed is not None:  # replays a captured step, or runs it eagerly when due
+                loss, correct, finite = graphed.step(x, y, search)
+            else:
+                loss, correct, finite = _train_step(net, base, opt, x, y, autocast, search)
             step += 1
             done = i + 1
             stats.add(loss, correct, len(y), finite, step)  # on the device: no host sync
@@ -291,6 +297,8 @@ def fit(
             event("stopped", f"stopped at step {step}", {"step": step, "epoch": epoch + 1})
             break
 
+    if graphed is not None:
+        log.info("CUDA graphs: steps by kind %s", graphed.counts)
     summary = {
         "status": status,
         "epochs_completed": epochs_done,
@@ -320,10 +328,10 @@ def _pick_device(config: TrainConfig, device: torch.device | str | None) -> torc
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def _autocast(config: TrainConfig, device: torch.device, cache: bool = True):
     if config.precision == "bf16":
         if device.type == "cuda":
-            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         log.warning("precision bf16 applies on CUDA only; training in fp32 on %s", device)
     return contextlib.nullcontext
 
@@ -356,6 +364,31 @@ def _build_optimizer(config: TrainConfig, model: nn.Module):
         model=model,
     )
     return base, opt
+
+
+def _graphed_step(
+    config: TrainConfig, device, distributed, world, net, base, opt, autocast, batch
+) -> GraphedStep | None:
+    """The CUDA-graphed step of ``cuda_graphs: true`` (docs/training.md), or None for eager."""
+    if not config.cuda_graphs:
+        return None
+    if device.type != "cuda":
+        raise ConfigurationError(f"cuda_graphs: needs a CUDA device (this run trains on {device})")
+    if world > 1:
+        raise ConfigurationError(
+            f"cuda_graphs: single-GPU runs only (this run has {world} DDP ranks); DDP's "
+            "all-reduce in every backward is not captured"
+        )
+    if distributed:
+        # A process group of one (Ray Train sets one up even for one worker): DDP still
+        # all-reduces through NCCL in every backward, which this capture does not cover.
+        log.warning("cuda_graphs: a DDP process group is initialised; training eagerly")
+        return None
+
+    def step(x: torch.Tensor, y: torch.Tensor, search: bool):
+        return _train_step(net, base, opt, x, y, autocast, search)
+
+    return GraphedStep(step, opt, batch_size=batch, device=device)
 
 
 def _train_step(net, base, opt, x, y, autocast, search: bool):
