@@ -58,7 +58,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["WARMUP_STEPS", "CapturePlan", "CaptureError", "GraphedStep", "graph_key"]
+__all__ = ["WARMUP_STEPS", "CaptureError", "CapturePlan", "GraphedStep", "graph_key"]
 
 log = logging.getLogger(__name__)
 
