@@ -25,6 +25,18 @@ the other arms' resident weights and optimizer state) and the GPU's busy time ÷
 ``--profile-steps`` steady-state steps under torch.profiler (the union of the CUDA kernels'
 intervals; the profiler's own CPU overhead makes this a lower bound when the step is
 launch-bound, so the busy time over the unprofiled wall time is reported beside it).
+
+``--cuda-graph`` (CUDA only; fit()'s ``cuda_graphs: true``): each arm's step runs through
+`xsam.cuda_graph.GraphedStep`: the same arms, data and search schedule, XSAM's search steps
+eagerly, every other step a replay of a captured graph. Each block starts with a fresh capture
+(fit() re-captures once an epoch, after the LR step and after the search), so a block is one
+capture step (capture + replay), XSAM's eager search step, and replays; the per-step time
+charges one capture and (XSAM) one search per ``--search-every`` steps:
+``(t_search + t_capture + (N − 2)·t_replay) / N`` for XSAM, ``(t_capture + (N − 1)·t_replay) / N``
+for SGD and SAM. The warm-up round holds the graphs' eager warm-up steps. GPU busy ÷ wall is
+measured over replays; beside it, the GPU time between CUDA events recorded around each step
+(graph replay and input copies) over the wall time, a check that does not depend on the
+profiler tracing the kernels inside graph replays.
 """
 
 from __future__ import annotations
@@ -95,9 +107,13 @@ def make_arms(model: nn.Module, args: argparse.Namespace) -> dict[str, tuple[nn.
     return arms
 
 
-def one_step(name: str, model: nn.Module, opt, x, y, search: bool, autocast=None) -> None:
+def one_step(
+    name: str, model: nn.Module, opt, x, y, search: bool, autocast=None, set_to_none: bool = True
+) -> None:
     def closure(backward: bool = True):
-        opt.zero_grad()
+        # A captured graph needs the same .grad tensors every step: zero them in place (fit()
+        # always does).
+        opt.zero_grad(set_to_none=set_to_none)
         with autocast() if autocast is not None else contextlib.nullcontext():
             loss = nn.functional.cross_entropy(model(x), y)
         if backward:
@@ -176,7 +192,11 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
     autocast = None
     if args.precision == "bf16":
         if device.type == "cuda":
-            autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+            # No autocast weight cache inside a graph capture (same numbers; as fit() does).
+            cache = not args.cuda_graph
+            autocast = lambda: torch.autocast(  # noqa: E731
+                "cuda", dtype=torch.bfloat16, cache_enabled=cache
+            )
         else:
             print("--precision bf16 applies on CUDA only (as in fit()); timing fp32")
     precision = "bf16" if autocast is not None else "fp32"
@@ -190,6 +210,15 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
             x = x.contiguous(memory_format=torch.channels_last)
         data.append((x, torch.randint(0, 10, (batch,), generator=gen).to(device)))
     arms = make_arms(model, args)
+    graphs = make_graphs(arms, args, device, batch, autocast) if args.cuda_graph else {}
+
+    def step(name: str, x, y, search: bool) -> None:
+        if graphs:
+            graphs[name].step(x, y, search)
+        else:
+            m, opt = arms[name]
+            one_step(name, m, opt, x, y, search, autocast=autocast)
+
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.parameters())
     layout = "channels_last" if channels_last else "contiguous (NCHW)"
@@ -201,14 +230,20 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
         f"rounds: {args.rounds} (+{args.warmup_rounds} warm-up), block: {block} steps per arm "
         f"per round, XSAM searches once per {every} steps"
         + (" (one epoch)" if args.search_every == "epoch" else "")
+        + (
+            "; CUDA graphs: one capture per block, other non-search steps replayed"
+            if graphs
+            else ""
+        )
     )
     cuda = device.type == "cuda"
     peak = {name: 0 for name in arms}
     working = {name: 0 for name in arms}
 
-    def run_block(name: str) -> dict[str, list[float]]:
-        m, opt = arms[name]
-        times: dict[str, list[float]] = {"wall": [], "cpu": []}
+    def run_block(name: str) -> dict[str, list]:
+        times: dict[str, list] = {"wall": [], "cpu": [], "action": []}
+        if graphs:
+            graphs[name].forget()  # fit() re-captures once an epoch (the LR step)
         if cuda:
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -217,10 +252,11 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
             x, y = data[i % len(data)]
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            one_step(name, m, opt, x, y, search=name == "XSAM" and i == 0, autocast=autocast)
+            step(name, x, y, search=name == "XSAM" and i == 0)
             sync(device)
             times["wall"].append(time.perf_counter() - t0)
             times["cpu"].append(time.process_time() - c0)
+            times["action"].append(graphs[name].last_action if graphs else "eager")
         if cuda:
             top = torch.cuda.max_memory_allocated(device)
             peak[name] = max(peak[name], top)
@@ -231,6 +267,8 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
     per_step = {c: {name: [] for name in arms} for c in clocks}
     ratios = {c: {"SAM/SGD": [], "XSAM/SGD": [], "XSAM/SAM": []} for c in clocks}
     search_times: list[float] = []
+    capture_times: dict[str, list[float]] = {name: [] for name in arms}
+    replay_times: dict[str, list[float]] = {name: [] for name in arms}
     names = list(arms)
     for r in range(args.warmup_rounds + args.rounds):
         order = names[r % 3 :] + names[: r % 3]  # rotate who goes first
@@ -238,11 +276,17 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
         if r < args.warmup_rounds:
             continue
         search_times.append(got["XSAM"]["wall"][0])
+        for name in names if graphs else ():
+            capture_times[name].append(step_times(got[name], "wall", "capture")[0])
+            replay_times[name].append(statistics.fmean(step_times(got[name], "wall", "replay")))
         for c in clocks:
-            t = {name: statistics.fmean(got[name][c]) for name in ("SGD", "SAM")}
-            xs = got["XSAM"][c]
-            plain = statistics.fmean(xs[1:]) if len(xs) > 1 else t["SAM"]
-            t["XSAM"] = (xs[0] + (every - 1) * plain) / every
+            if graphs:
+                t = graphed_per_step(got, c, every)
+            else:
+                t = {name: statistics.fmean(got[name][c]) for name in ("SGD", "SAM")}
+                xs = got["XSAM"][c]
+                plain = statistics.fmean(xs[1:]) if len(xs) > 1 else t["SAM"]
+                t["XSAM"] = (xs[0] + (every - 1) * plain) / every
             for name in names:
                 per_step[c][name].append(t[name])
             ratios[c]["SAM/SGD"].append(t["SAM"] / t["SGD"])
@@ -250,7 +294,9 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
             ratios[c]["XSAM/SAM"].append(t["XSAM"] / t["SAM"])
 
     median_wall = {name: statistics.median(per_step["wall"][name]) for name in names}
-    busy = profile_arms(args, device, arms, data, autocast, median_wall) if cuda else {}
+    if graphs:  # the profiled steps are replays: compare with the replays' own wall time
+        median_wall = {name: statistics.median(replay_times[name]) for name in names}
+    busy = profile_arms(args, device, step, list(arms), data, median_wall) if cuda else {}
 
     print()
     print("| arm | median wall ms/step | images/s | median CPU ms/step | peak MiB | GPU busy |")
@@ -266,12 +312,30 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
             "step_mib": working[name] / 2**20 if cuda else None,
             **busy.get(name, {}),
         }
+        if graphs:
+            row["replay_ms_per_step"] = 1e3 * statistics.median(replay_times[name])
+            row["capture_ms"] = 1e3 * statistics.median(capture_times[name])
+            row["steps_by_kind"] = dict(graphs[name].counts)
         result_arms[name] = row
         mem = f"{row['peak_mib']:.0f}" if cuda else "n/a"
         util = f"{100 * row['gpu_busy_fraction']:.1f} %" if "gpu_busy_fraction" in row else "n/a"
         print(f"| {name} | {wall:.2f} | {row['images_per_s']:.0f} | {cpu:.2f} | {mem} | {util} |")
     search_ms = 1e3 * statistics.median(search_times)
     print(f"| (XSAM search step alone) | {search_ms:.2f} | | | | |")
+    if graphs:
+        print()
+        print(
+            "| arm (CUDA graphs) | replay wall ms/step | capture step ms | GPU time (events) ÷ wall |"
+        )
+        print("|---|---|---|---|")
+        for name in names:
+            row = result_arms[name]
+            ev = row.get("gpu_event_fraction")
+            ev_text = "n/a" if ev is None else f"{100 * ev:.1f} %"
+            print(
+                f"| {name} | {row['replay_ms_per_step']:.2f} | {row['capture_ms']:.1f} | "
+                f"{ev_text} |"
+            )
     print()
     print("| ratio | wall: median over rounds (min–max) | CPU time: median (min–max) |")
     print("|---|---|---|")
@@ -291,6 +355,7 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "precision": precision,
         "search_every": every,
+        "cuda_graph": bool(graphs),
         "rounds": args.rounds,
         "block": block,
         "arms": result_arms,
@@ -307,12 +372,56 @@ def time_training(args: argparse.Namespace, device: torch.device, batch: int) ->
     }
 
 
-def profile_arms(args, device, arms, data, autocast, median_wall) -> dict[str, dict[str, float]]:
+def make_graphs(arms, args, device, batch: int, autocast) -> dict:
+    """A `GraphedStep` per arm, stepping the arm's model and optimizer as `one_step` does."""
+    from xsam.cuda_graph import WARMUP_STEPS, GraphedStep
+
+    if args.warmup_rounds < 1 or min(args.block, search_period(args, batch)) < WARMUP_STEPS + 3:
+        raise SystemExit(
+            f"--cuda-graph needs --warmup-rounds >= 1 and blocks of >= {WARMUP_STEPS + 3} steps "
+            "(the graphs' warm-up and first capture happen in the warm-up round)"
+        )
+    graphs = {}
+    for name, (m, opt) in arms.items():
+
+        def step_fn(x, y, search, name=name, m=m, opt=opt):
+            one_step(name, m, opt, x, y, search, autocast=autocast, set_to_none=False)
+
+        graphs[name] = GraphedStep(step_fn, opt, batch_size=batch, device=device)
+    return graphs
+
+
+def step_times(got: dict[str, list], clock: str, action: str) -> list[float]:
+    """The ``clock`` times of a block's steps that ran as ``action``; fails loudly if none did."""
+    picked = [t for t, a in zip(got[clock], got["action"], strict=True) if a == action]
+    if not picked:
+        raise SystemExit(f"FAILED: no {action} step in a timed block (actions: {got['action']})")
+    return picked
+
+
+def graphed_per_step(got: dict[str, dict[str, list]], clock: str, every: int) -> dict[str, float]:
+    """Per-step time of each arm with CUDA graphs: one capture per ``every`` steps, and for
+    XSAM one eager search; every other step a replay."""
+    out = {}
+    for name, block in got.items():
+        captures = step_times(block, clock, "capture")
+        if len(captures) != 1:
+            raise SystemExit(f"FAILED: {name}: {len(captures)} captures in one block, expected 1")
+        replay = statistics.fmean(step_times(block, clock, "replay"))
+        if name == "XSAM":
+            search = step_times(block, clock, "eager")[0]
+            out[name] = (search + captures[0] + (every - 2) * replay) / every
+        else:
+            out[name] = (captures[0] + (every - 1) * replay) / every
+    return out
+
+
+def profile_arms(args, device, step, names, data, median_wall) -> dict[str, dict[str, float]]:
     """GPU busy ÷ wall per arm over ``--profile-steps`` steady-state steps (no α search)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    for name, (m, opt) in arms.items():
+    for name in names:
         n = args.profile_steps
         if n < 1:
             continue
@@ -322,7 +431,7 @@ def profile_arms(args, device, arms, data, autocast, median_wall) -> dict[str, d
                 t0 = time.perf_counter()
                 for i in range(n):
                     x, y = data[i % len(data)]
-                    one_step(name, m, opt, x, y, search=False, autocast=autocast)
+                    step(name, x, y, search=False)
                 sync(device)
                 wall = time.perf_counter() - t0
             got = gpu_busy(gpu_spans(prof), wall)
@@ -337,7 +446,30 @@ def profile_arms(args, device, arms, data, autocast, median_wall) -> dict[str, d
             "gpu_busy_fraction_unprofiled_wall": got["busy_s"] / (n * median_wall[name]),
             "profiled_steps": n,
         }
+        if args.cuda_graph:
+            out[name]["gpu_event_fraction"] = event_busy(device, step, name, data, n)
     return out
+
+
+def event_busy(device, step, name: str, data, n: int) -> float:
+    """GPU time between CUDA events recorded around each of ``n`` steps, over their wall time.
+
+    With graph replays there are no launch gaps inside a step, so this is the GPU's busy share
+    without relying on the profiler to trace kernels inside graph replays.
+    """
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        x, y = data[i % len(data)]
+        start.record()
+        step(name, x, y, search=False)
+        end.record()
+        events.append((start, end))
+    sync(device)
+    wall = time.perf_counter() - t0
+    return sum(s.elapsed_time(e) for s, e in events) / 1e3 / wall
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
@@ -522,6 +654,12 @@ def main() -> None:
         default=8,
         help="CUDA: steps per arm under torch.profiler for GPU busy ÷ wall (0: skip)",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA: replay each arm's non-search steps from a captured CUDA graph "
+        "(fit()'s cuda_graphs: true); search steps stay eager",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
     parser.add_argument("--repeats", type=int, default=20, help="for --optimizer-only")
     parser.add_argument("--threads", type=int, default=1)
@@ -530,6 +668,10 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
+    if args.cuda_graph and (args.optimizer_only or args.count_ops):
+        parser.error("--cuda-graph times training steps: not with --optimizer-only/--count-ops")
     if args.search_every is None:
         args.search_every = "epoch" if device.type == "cuda" else 32
     if args.block < 1:
