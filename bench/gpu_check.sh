@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: the CUDA tests, the step-time figures and an end-to-end job, each
 # stage under its own time limit, all results in RESULTS_DIR (few files: summary.md, env.txt,
-# pytest.log, junit.xml, step_time.json, step_time.md, e2e.log).
+# pytest.log, junit.xml, step_time.json, step_time_graphs.json, step_time.md, e2e.log).
 #
 #   bash bench/gpu_check.sh RESULTS_DIR            # on one H100: about 5 minutes, at most 8
 #   bash bench/gpu_check.sh --quick RESULTS_DIR    # CPU, tiny sizes, under a minute (CI)
@@ -11,6 +11,9 @@
 #   pytest     pytest -m gpu tests/gpu (skipped tests without CUDA: reported "skipped")
 #   step_time  bench/step_time.py --model resnet18 --batch 125 512, channels_last, bf16,
 #              one search per epoch (--quick: cnn1d on the CPU, a few steps)
+#   step_time_graphs  the same with --cuda-graph (non-search steps replayed from a CUDA graph)
+#              → step_time_graphs.json, its tables appended to step_time.md; CUDA only (--quick
+#              and CPU runs: skipped). Its own stage and limit: a failure here fails only it
 #   e2e-train  `xsam train` of ResNet-18 on CIFAR-shaped synthetic data, use_gpu: true (no Ray)
 #   e2e-serve  `xsam serve --num-gpus 1` runs the same job to success; skipped where ray and
 #              the API's packages are absent (the device run cannot carry ray's 79 MB wheel)
@@ -136,6 +139,15 @@ elif [ "$DEVICE" = cuda ]; then
 else
     echo '{"skipped": "CUDA is not available on this machine"}' >"$OUT/step_time.json"
     record step_time skipped 0 "CUDA is not available on this machine"
+fi
+if [ "$QUICK" = 0 ] && [ "$DEVICE" = cuda ]; then
+    # 10 rounds as above: ~40-60 s on an H200 (replays are fast; one capture per arm a block).
+    run_stage step_time_graphs 150 "$OUT/step_time.md" "$PY" bench/step_time.py --device cuda \
+        --model resnet18 --batch 125 512 --channels-last --precision bf16 --search-every epoch \
+        --cudnn-benchmark --cuda-graph \
+        --rounds 10 --block 32 --profile-steps 8 --json "$OUT/step_time_graphs.json"
+else
+    record step_time_graphs skipped 0 "CUDA graphs need a CUDA device (--quick runs on the CPU)"
 fi
 
 # -- end to end ---------------------------------------------------------------------------------

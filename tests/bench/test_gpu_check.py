@@ -127,3 +127,46 @@ def test_summary_judges_the_targets_on_the_batch_125_cuda_run(
     stages.write_text("pytest\tfailed\t60\texit status 1\n")
     assert gpu_check.summary(tmp_path, stages) == 1
     assert "overall: FAILED" in (tmp_path / "summary.md").read_text()
+
+
+def test_summary_judges_the_targets_on_the_graphed_run_when_there_is_one(tmp_path):
+    gpu_check = load("gpu_check")
+    eager = {
+        "device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11.0+cu130",
+        "runs": [cuda_run(125, 0.99, 2.4, 0.12)],
+    }  # fmt: skip
+    graphed = json.loads(json.dumps(eager))
+    graphed["runs"] = [cuda_run(125, 1.01, 2.0, 0.95)]
+    for arm in graphed["runs"][0]["arms"].values():
+        arm.update(replay_ms_per_step=3.0, capture_ms=80.0, gpu_event_fraction=0.97)
+    graphed["runs"][0]["cuda_graph"] = True
+    (tmp_path / "step_time.json").write_text(json.dumps(eager))
+    (tmp_path / "step_time_graphs.json").write_text(json.dumps(graphed))
+    stages = tmp_path / "stages.tsv"
+    stages.write_text("step_time\tpassed\t78\t\nstep_time_graphs\tpassed\t50\t\n")
+    assert gpu_check.summary(tmp_path, stages) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Step time with CUDA graphs" in text and "| 3.00 | 80.0 | 97.0 % |" in text
+    assert "judged on the graphed steps" in text
+    judged = [line.rsplit(": ", 1)[1] for line in text.splitlines() if line.startswith("- ")]
+    assert judged == ["met", "met", "met"], text
+    assert "Eager steps at batch 125, for reference (not judged): XSAM ÷ SAM 0.990" in text
+    # The graphed stage failing (no JSON) leaves the eager figures judged and fails the check.
+    (tmp_path / "step_time_graphs.json").unlink()
+    stages.write_text("step_time\tpassed\t78\t\nstep_time_graphs\tfailed\t150\ttimed out\n")
+    assert gpu_check.summary(tmp_path, stages) == 1
+    text = (tmp_path / "summary.md").read_text()
+    assert "judged on the eager steps" in text
+    judged = [line.rsplit(": ", 1)[1] for line in text.splitlines() if line.startswith("- ")]
+    assert judged == ["met", "MISSED", "MISSED"], text
+
+
+def test_graphed_step_time_charges_one_capture_and_one_search_per_epoch():
+    step_time = load("step_time")
+    block = {"wall": [9.0, 5.0, 1.0, 1.0], "action": ["capture", "replay", "replay", "replay"]}
+    xsam = {"wall": [20.0, 9.0, 2.0, 2.0], "action": ["eager", "capture", "replay", "replay"]}
+    got = step_time.graphed_per_step({"SGD": block, "SAM": block, "XSAM": xsam}, "wall", 10)
+    assert got["SGD"] == pytest.approx((9.0 + 9 * (5.0 + 1.0 + 1.0) / 3) / 10)
+    assert got["XSAM"] == pytest.approx((20.0 + 9.0 + 8 * 2.0) / 10)
+    with pytest.raises(SystemExit, match="no replay step"):
+        step_time.graphed_per_step({"SGD": {"wall": [1.0], "action": ["capture"]}}, "wall", 10)
