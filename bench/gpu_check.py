@@ -485,6 +485,14 @@ def targets(data: dict[str, Any], judged_on: str = "eager steps") -> list[str]:
             f"  (GPU time between CUDA events around each replayed step ÷ wall, which does not "
             f"rely on the profiler tracing kernels inside graph replays: {shown})"
         )
+        traced = [busy[arm] for arm in events if busy.get(arm) is not None]
+        if len(traced) == len(events) and any(
+            b < 0.5 * e for b, e in zip(traced, events.values(), strict=True)
+        ):
+            lines.append(
+                "  (the profiler's figure is under half the events' one for some arm: its trace "
+                "probably lacks kernels launched by graph replays; read the busy verdict with care)"
+            )
     return lines
 
 
