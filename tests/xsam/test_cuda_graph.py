@@ -1,6 +1,6 @@
 """cuda_graphs: the switch is validated, and the capture plan re-captures exactly when it must.
 
-The capture itself needs a GPU (tests/gpu/test_cuda_graph_cuda.py); here the pure bookkeeping.
+The capture itself needs a GPU (tests/gpu/test_training_cuda_graphs.py); here the pure bookkeeping.
 """
 
 from __future__ import annotations
