@@ -141,8 +141,8 @@ class GraphedStep:
         warmup: eager side-stream steps before the first capture.
 
     Attributes:
-        counts (dict): how many steps ran ``eager``, ``warmup``, ``capture`` (each capture is
-            followed by a replay, counted too) and ``replay``.
+        counts (dict): how many steps ran ``eager``, ``warmup``, ``capture`` (a capture and
+            its first replay: one step) and ``replay``.
         last_action (str): the action of the latest step.
     """
 
@@ -209,12 +209,15 @@ class GraphedStep:
         opt = self._optimizer
         steps_taken = getattr(opt, "steps_taken", None)
         graph = torch.cuda.CUDAGraph()
-        self._stream.wait_stream(torch.cuda.current_stream())
+        current = torch.cuda.current_stream()
+        self._stream.wait_stream(current)
         try:
             # Records the kernels without running them: the weights do not move here.
             with torch.cuda.graph(graph, stream=self._stream):
                 outputs = self._step_fn(static[0], static[1], False)
         except Exception as exc:
+            # torch.cuda.graph leaves its stream current when capture_end raises: put ours back.
+            torch.cuda.set_stream(current)
             raise CaptureError(
                 f"capturing the training step in a CUDA graph failed ({type(exc).__name__}: "
                 f"{exc}); train with cuda_graphs: false"
@@ -222,7 +225,7 @@ class GraphedStep:
         finally:
             if steps_taken is not None:
                 opt.steps_taken = steps_taken  # the replays count the steps
-        torch.cuda.current_stream().wait_stream(self._stream)
+        current.wait_stream(self._stream)
         self._graph, self._static, self._outputs = graph, static, outputs
         stats = getattr(opt, "last_stats", None)
         self._stats = dict(stats) if isinstance(stats, dict) else None
