@@ -12,7 +12,6 @@
 # /tmp/xsam-stress). Exit status 0 only when every run of every test passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh >/dev/null
 
 runs=""
 timeout=600
@@ -50,6 +49,7 @@ if $list; then
     echo "$plan"
     exit 0
 fi
+bash scripts/setup.sh >/dev/null
 
 mkdir -p "$out"
 export XSAM_REQUIRE_POSTGRES=${XSAM_REQUIRE_POSTGRES:-0} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
