@@ -5,11 +5,15 @@ The capture itself needs a GPU (tests/gpu/test_training_cuda_graphs.py); here th
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+import xsam.training as training
+from xsam.checkpoint import load_checkpoint
 from xsam.config import TrainConfig
 from xsam.cuda_graph import CapturePlan, GraphedStep, graph_key
 from xsam.errors import ConfigurationError
@@ -152,3 +156,128 @@ def test_key_changes_with_lr_alpha_and_input_layout_and_nothing_else():
     assert graph_key(opt, x4, y) != graph_key(
         opt, x4.contiguous(memory_format=torch.channels_last), y
     )
+
+
+# -- the whole loop, with a CPU stand-in for CUDA graphs -----------------------------------------
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _Graph:
+    """Replays by running the captured step again on the static inputs (see `_stand_in`)."""
+
+    def __init__(self) -> None:
+        self.run = None
+
+    def replay(self) -> None:
+        self.run()
+
+
+def _stand_in(monkeypatch, tracked):
+    """torch.cuda's streams and graphs, emulated on the CPU: a capture runs the step and then
+    puts every tracked tensor back (a real capture runs nothing); a replay runs the step again
+    and writes its results into the captured outputs (a real replay refills them)."""
+    capturing: list[_Graph] = []
+
+    class graph:
+        def __init__(self, g, pool=None, stream=None) -> None:
+            self.g = g
+
+        def __enter__(self) -> None:
+            self.saved = [t.detach().clone() for t in tracked()]
+            capturing.append(self.g)
+
+        def __exit__(self, *exc) -> None:
+            capturing.pop()
+            with torch.no_grad():
+                for t, s in zip(tracked(), self.saved, strict=True):  # nothing allocated
+                    t.copy_(s)
+
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def wrap(fn, opt):
+        def step(x, y, search):
+            out = fn(x, y, search)
+            if capturing:
+                stats = dict(opt.last_stats) if hasattr(opt, "last_stats") else {}
+
+                def run() -> None:
+                    taken = getattr(opt, "steps_taken", None)
+                    new = fn(x, y, search)
+                    if taken is not None:
+                        opt.steps_taken = taken  # a real replay runs no Python
+                    for o, n in zip(out, new, strict=True):
+                        o.copy_(n)
+                    for k, v in (opt.last_stats if stats else {}).items():
+                        if isinstance(v, torch.Tensor):
+                            stats[k].copy_(v)
+
+                capturing[-1].run = run
+            return out
+
+        return step
+
+    return wrap
+
+
+@pytest.mark.parametrize("arm", ["xsam", "sgd"])
+def test_graphed_loop_trains_exactly_as_eager_with_a_stand_in_for_cuda(monkeypatch, tmp_path, arm):
+    made: list[GraphedStep] = []
+
+    def graphed_on_cpu(config, device, distributed, world, net, base, opt, autocast, batch):
+        if not config.cuda_graphs:
+            return None
+
+        def tracked() -> list[torch.Tensor]:
+            ts = [*net.parameters(), *net.buffers()]
+            ts += [p.grad for p in net.parameters() if p.grad is not None]
+            ts += [s["momentum_buffer"] for s in base.state.values()]
+            return ts + (opt._theta0 + opt._disp + opt._norm_saved if opt is not base else [])
+
+        wrap = _stand_in(monkeypatch, tracked)
+        step = wrap(lambda x, y, s: training._train_step(net, base, opt, x, y, autocast, s), opt)
+        made.append(GraphedStep(step, opt, batch_size=batch, device=torch.device("cuda")))
+        return made[-1]
+
+    monkeypatch.setattr(training, "_graphed_step", graphed_on_cpu)
+    raw = {
+        **RAW,
+        "data": {"name": "mnist1d", "batch_size": 50, "num_train": 430},  # 8 full + 1 short
+        "optimizer": {"name": arm, "lr": 0.05, "rho": 0.05},
+        "schedule": {"epochs": 3},
+        "log_every": 4,
+    }
+    runs = {}
+    for graphs in (False, True):
+        records: list[dict] = []
+        config = TrainConfig.model_validate({**raw, "cuda_graphs": graphs})
+        ckpt = tmp_path / str(graphs)
+        summary = fit(config, report=records.append, data_root=tmp_path, device="cpu",
+                      checkpoint_dir=ckpt)  # fmt: skip
+        metrics = [
+            {k: v for k, v in r["values"].items() if not k.startswith("throughput")}
+            for r in records
+            if r["kind"] == "metrics"
+        ]
+        runs[graphs] = (summary, metrics, load_checkpoint(ckpt))
+    (graphed,) = made
+    searches = 3 if arm == "xsam" else 0
+    assert graphed.counts == {
+        "eager": 3 + searches, "warmup": 3, "capture": 3, "replay": 18 - searches,
+    }  # fmt: skip
+    (summary_e, metrics_e, ckpt_e), (summary_g, metrics_g, ckpt_g) = runs[False], runs[True]
+    assert summary_g["metrics"] == summary_e["metrics"]
+    assert metrics_g == metrics_e  # loss, accuracy, lr and XSAM's telemetry, every report
+    assert ckpt_g["optimizer"].get("xsam") == ckpt_e["optimizer"].get("xsam")  # steps_taken
+    for key, value in ckpt_e["model"].items():
+        assert torch.equal(ckpt_g["model"][key], value), key
