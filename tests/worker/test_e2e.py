@@ -128,6 +128,13 @@ def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
     serve, api, tiny_config, wait_for, wait_terminal
 ):
     epochs = 25
+
+    def train_workers() -> set[int]:
+        return {pid for pid, args in _train_processes() if args.startswith("ray::RayTrainWorker")}
+
+    # A worker of an earlier test's run may still be on its way out (Ray gives resources back
+    # asynchronously): only a worker that appeared after this submit is this job's rank.
+    earlier = train_workers()
     job = api.submit(tiny_config(schedule__epochs=epochs), name="rank-killed")
 
     def past_epoch_2():
@@ -135,8 +142,8 @@ def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
         return (progress.get("epoch") or 0) >= 2
 
     wait_for(past_epoch_2, 240, 0.3, "two epochs")
-    ranks = [pid for pid, args in _train_processes() if args.startswith("ray::RayTrainWorker")]
-    assert ranks
+    ranks = sorted(train_workers() - earlier)
+    assert ranks, f"no training worker of this job among {sorted(train_workers())}"
     subprocess.run(["kill", "-9", str(ranks[-1])], check=True)
 
     done = wait_terminal(api, job["id"])
