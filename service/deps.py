@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +16,7 @@ from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy
 from service.settings import Settings
+from service.storable import find_unstorable
 
 
 @dataclass
@@ -101,3 +103,23 @@ def get_admin(principal: OwnerDep) -> Principal:
 
 AgentDep = Annotated[Principal, Depends(get_agent)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def refuse_unstorable_body(request: Request) -> None:
+    """Refuse a JSON body holding what could not be stored and served back (422 at the field).
+
+    An app-wide dependency, so every route's body is checked, whatever its model, before the
+    model validates it. FastAPI has already parsed the body (``request.json()`` is cached).
+    """
+    if request.method not in ("POST", "PUT", "PATCH") or not await request.body():
+        return
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: FastAPI answers that itself
+    found = find_unstorable(body)
+    if found is not None:
+        path, why = found
+        raise RequestValidationError(
+            [{"type": "unstorable_value", "loc": ("body", *path), "msg": why, "input": None}]
+        )

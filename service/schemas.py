@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from service.db.models import Job
+from service.storable import find_unstorable
 from xsam.config import TrainConfig
 
 #: Largest value of a 64-bit column (ids, steps) and of a 32-bit one (epochs): a larger number
@@ -29,34 +30,6 @@ def _as_utc(value: datetime) -> datetime:
 UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
-#: Deepest nesting of objects and lists a request body may have (configs and event data are
-#: shallow; serialising a much deeper one to the JSON columns would fail).
-MAX_DEPTH = 32
-
-
-def _unstorable(value: Any) -> str | None:
-    """Why the database could not store `value` (a parsed JSON body), or None."""
-    # Level by level, not recursive: a deeply nested body must be a 422, not a RecursionError.
-    level = [value]
-    for depth in range(MAX_DEPTH + 1):
-        below: list[Any] = []
-        for item in level:
-            kind = type(item)  # parsed JSON: exactly str, dict, list or a scalar
-            if kind is str:
-                if "\x00" in item:
-                    return "text must not contain NUL (\\u0000) characters"
-            elif kind is dict or kind is list:
-                if depth == MAX_DEPTH:
-                    return f"objects and lists must not nest deeper than {MAX_DEPTH} levels"
-                below.extend(item)
-                if kind is dict:
-                    below.extend(item.values())
-        if not below:
-            break
-        level = below
-    return None
-
-
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,10 +40,13 @@ class _Body(_In):
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:
-        # PostgreSQL text and JSON cannot hold NUL; refuse it on every backend alike.
-        why = _unstorable(data)
-        if why is not None:
-            raise ValueError(why)
+        # Over HTTP the app's body check (service.deps) has already refused these with the
+        # exact field in ``loc``; this keeps the models safe wherever else they are used.
+        found = find_unstorable(data)
+        if found is not None:
+            path, why = found
+            where = ".".join(str(p) for p in path)
+            raise ValueError(f"{where}: {why}" if where else why)
         return data
 
 

@@ -15,9 +15,17 @@ import json
 import math
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
 MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
@@ -29,6 +37,37 @@ MAX_ALPHA_PROBES = 1000
 MAX_EPOCHS = 10_000
 
 
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form options must survive a JSON round trip: no NaN/Infinity, no lone surrogates.
+
+    (Pydantic would dump NaN as null, and a lone surrogate cannot be encoded at all.)
+    """
+    todo: list[tuple[str, Any]] = [("", value)]
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where or 'value'} must be a finite number (got {item})")
+        texts = [item] if isinstance(item, str) else []
+        if isinstance(item, dict):
+            texts += [k for k in item if isinstance(k, str)]
+            todo += [(f"{where}[{k!r}]", v) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+        for text in texts:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"{where or 'value'}: text must not contain lone UTF-16 surrogates"
+                    ) from None
+    return value
+
+
+#: Free-form keyword arguments: any JSON object, as long as it can be written back as JSON.
+JSONObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -37,7 +76,7 @@ class ModelConfig(_Strict):
     """Which network to train. Its input shape and class count come from the data set."""
 
     name: str = Field(description=f"one of {', '.join(MODEL_NAMES)}")
-    options: dict[str, Any] = Field(
+    options: JSONObject = Field(
         default_factory=dict, description="model-specific keyword arguments (e.g. width, depth)"
     )
 
@@ -60,7 +99,7 @@ class DataConfig(_Strict):
     batch_size: int = Field(default=125, description="per-step global batch size")
     augment: bool = Field(default=True, description="crop+flip+Cutout for images; ignored for 1-D")
     num_train: int | None = Field(default=None, description="train on the first N samples only")
-    options: dict[str, Any] = Field(
+    options: JSONObject = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
 
