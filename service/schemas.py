@@ -230,8 +230,9 @@ class TokensPublic(BaseModel):
 
 
 class Capacity(_In):
-    cpus: float = Field(ge=0)
-    gpus: int = Field(ge=0)
+    # Compared with the jobs' FLOAT and INTEGER columns in the claim query: bounded to fit.
+    cpus: float = Field(ge=0, le=MAX_INT, allow_inf_nan=False)
+    gpus: int = Field(ge=0, le=MAX_INT)
 
 
 class ClaimRequest(_Body):

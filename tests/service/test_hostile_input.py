@@ -161,3 +161,66 @@ def test_the_validation_error_handler_cannot_fail_itself():
     odd = RequestValidationError([{"type": "x", "loc": ("body",), "msg": "m", "input": Weird()}])
     r = asyncio.run(_validation_error(None, odd))  # type: ignore[arg-type]
     assert r.status_code == 422 and json.loads(r.body)["code"] == "validation_error"
+
+
+# --- numbers that reach a column or the database's arithmetic ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capacity", "loc"),
+    [
+        ({"cpus": 4, "gpus": 2**31}, ["body", "capacity", "gpus"]),  # was a 500 on PostgreSQL
+        ({"cpus": 4, "gpus": 2**63}, ["body", "capacity", "gpus"]),
+        ({"cpus": 1e300, "gpus": 0}, ["body", "capacity", "cpus"]),
+    ],
+)
+def test_claim_capacity_beyond_its_column_is_422(live_server, capacity, loc):
+    url = live_server.url
+    send(url, "/v1/jobs", with_config(), ADMIN)
+    r = send(url, "/v1/agent/claim", {"agent_id": "a1", "capacity": capacity}, ADMIN)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc
+    # Nothing was claimed: the job is still queued, attempt 0.
+    job = httpx.get(f"{url}/v1/jobs", headers=ADMIN).json()["items"][0]
+    assert job["status"] == "queued" and job["attempt"] == 0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "field"),
+    [
+        ({"alpha_delta": 5e-324}, "alpha_delta"),  # alpha_max/alpha_delta overflows to inf
+        ({"alpha_max": 1e308, "alpha_delta": 1e-308}, "alpha_max"),
+        ({"rho": 1e308}, "rho"),  # 2·rho would overflow
+    ],
+)
+def test_overflowing_config_is_422_naming_the_field(live_server, optimizer, field):
+    r = send(live_server.url, "/v1/jobs", with_config(optimizer=optimizer), ADMIN)
+    assert r.status_code == 422, r.text
+    locs = [e["loc"] for e in r.json()["detail"]]
+    assert ["body", "config", "optimizer", field] in locs, locs
+
+
+def test_downsampling_a_series_spanning_every_step_does_not_overflow(live_server):
+    # Steps 0 … 2**63-1: (step - lo) * max_points overflowed BIGINT on PostgreSQL (500) and
+    # became a float on SQLite (max_points=1 gave 4 buckets).
+    url = live_server.url
+    job = send(url, "/v1/jobs", with_config(), ADMIN).json()
+    claim = {"agent_id": "a1", "capacity": {"cpus": 4, "gpus": 0}}
+    lease = httpx.post(f"{url}/v1/agent/claim", json=claim, headers=ADMIN).json()["lease"]
+    steps = [0, 1, 2, 2**31, 2**62, 2**63 - 2, 2**63 - 1]
+    points = [{"name": "loss", "step": s, "value": float(i)} for i, s in enumerate(steps)]
+    body = {"lease_token": lease["lease_token"], "points": points}
+    r = send(url, f"/v1/agent/jobs/{job['id']}/metrics", body, ADMIN)
+    assert r.status_code == 200, r.text
+    for max_points in (1, 2, 3, 6):
+        r = httpx.get(
+            f"{url}/v1/jobs/{job['id']}/metrics", params={"max_points": max_points}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        buckets = r.json()["series"]["loss"]
+        assert 1 <= len(buckets) <= max_points
+        assert sum(b["count"] for b in buckets) == len(steps)
+        assert buckets[0]["step_min"] == 0 and buckets[-1]["step"] == 2**63 - 1
+    one = httpx.get(f"{url}/v1/jobs/{job['id']}/metrics?max_points=1", headers=ADMIN).json()
+    (bucket,) = one["series"]["loss"]
+    assert bucket["min"] == 0.0 and bucket["max"] == 6.0 and bucket["value"] == 6.0
