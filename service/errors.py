@@ -64,6 +64,12 @@ class JobAlreadyFinished(ServiceError):
     code = "job_finished"
 
 
+class IdempotencyKeyReused(ServiceError):
+    """This Idempotency-Key was already used for a different request; use a new key."""
+
+    code = "idempotency_key_reused"
+
+
 class LeaseLost(ServiceError):
     """The lease is not (or no longer) held: the job was requeued, reclaimed or finished."""
 
@@ -86,6 +92,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     TokenNotFound: 404,
     ArtifactNotFound: 404,
     JobAlreadyFinished: 409,
+    IdempotencyKeyReused: 409,
     LeaseLost: 409,
     PayloadTooLarge: 413,
 }

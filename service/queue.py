@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from service.db.engine import db_now
 from service.db.models import Job, JobTag
-from service.errors import JobAlreadyFinished, JobNotFound, LeaseLost
+from service.errors import IdempotencyKeyReused, JobAlreadyFinished, JobNotFound, LeaseLost
 from service.events import record_event
 from xsam.config import TrainConfig
 
@@ -77,18 +77,35 @@ def enqueue(
     max_attempts: int = 3,
     tags: list[str] | None = None,
     idempotency_key: str | None = None,
+    idempotency_ttl: timedelta = timedelta(hours=24),
 ) -> tuple[Job, bool]:
-    """Add a job; returns (job, created). The same owner + idempotency key gives the same job."""
+    """Add a job; returns (job, created).
+
+    The same owner + idempotency key within `idempotency_ttl` of the first submit gives the
+    same job if the submission is the same, and raises `IdempotencyKeyReused` if it differs
+    (a client reusing a key by mistake must not get someone else's config back). After the
+    ttl the key is taken off the old job and names the new one.
+    """
+    now = db_now(session)
+    submission = {
+        "name": name,
+        "config": config.model_dump(mode="json"),
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "tags": sorted(set(tags or [])),
+    }
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, owner, idempotency_key)
-        if existing is not None:
-            return existing, False
-    now = db_now(session)
+        if existing is not None and existing.created_at <= now - idempotency_ttl:
+            existing.idempotency_key = None  # expired: the key is free again
+            session.flush()
+        elif existing is not None:
+            return _same_submission(existing, submission), False
     job = Job(
         name=name,
         owner=owner,
         status=JobStatus.QUEUED.value,
-        config=config.model_dump(mode="json"),
+        config=submission["config"],
         priority=priority,
         cpus=config.resources.total_cpus,
         gpus=config.resources.total_gpus,
@@ -108,9 +125,27 @@ def enqueue(
         existing = _by_idempotency_key(session, owner, idempotency_key or "")
         if existing is None:
             raise
-        return existing, False
+        return _same_submission(existing, submission), False
     record_event(session, job.id, "queued", f"submitted by {owner}", now=now)
     return job, True
+
+
+def _same_submission(job: Job, submission: dict[str, Any]) -> Job:
+    """`job` if it was submitted as `submission` (a replay), else `IdempotencyKeyReused`."""
+    stored = {
+        "name": job.name,
+        "config": job.config,
+        "priority": job.priority,
+        "max_attempts": job.max_attempts,
+        "tags": job.tags,
+    }
+    if stored != submission:
+        differs = ", ".join(k for k in submission if stored[k] != submission[k])
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {job.idempotency_key!r} was used for job {job.id} with a different"
+            f" {differs}; send the same request to get that job, or use a new key"
+        )
+    return job
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="requeue delay after attempt n: backoff * 2**(n-1)"
     )
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    idempotency_key_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="an Idempotency-Key names its job this long; then it may name a new one",
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_ingest_points: int = Field(default=5000, gt=0)
     max_ingest_events: int = Field(default=1000, gt=0)

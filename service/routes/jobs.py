@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -62,9 +63,12 @@ def submit_job(
     session: SessionDep,
     owner: OwnerDep,
     response: Response,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeated ``Idempotency-Key`` from the same owner returns the first job (200)."""
+    """Queue a job. A repeated ``Idempotency-Key`` from the same owner with the same body
+    returns the first job (200); with a different body it is a 409 ``idempotency_key_reused``.
+    Keys expire after ``XSAM_IDEMPOTENCY_KEY_TTL_S`` (24 h)."""
     with session.begin():
         job, created = queue.enqueue(
             session,
@@ -75,6 +79,7 @@ def submit_job(
             max_attempts=body.max_attempts,
             tags=body.tags,
             idempotency_key=idempotency_key or None,  # an empty header is no key
+            idempotency_ttl=timedelta(seconds=settings.idempotency_key_ttl_s),
         )
         if not created:
             response.status_code = 200
