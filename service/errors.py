@@ -70,6 +70,12 @@ class IdempotencyKeyReused(ServiceError):
     code = "idempotency_key_reused"
 
 
+class TokenNameTaken(ServiceError):
+    """A token that is not revoked already has this name; revoke it first or pick another."""
+
+    code = "token_name_taken"
+
+
 class LeaseLost(ServiceError):
     """The lease is not (or no longer) held: the job was requeued, reclaimed or finished."""
 
@@ -93,6 +99,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     ArtifactNotFound: 404,
     JobAlreadyFinished: 409,
     IdempotencyKeyReused: 409,
+    TokenNameTaken: 409,
     LeaseLost: 409,
     PayloadTooLarge: 413,
 }

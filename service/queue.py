@@ -72,6 +72,7 @@ def enqueue(
     *,
     owner: str,
     config: TrainConfig,
+    owner_key: str | None = None,
     name: str | None = None,
     priority: int = 0,
     max_attempts: int = 3,
@@ -79,13 +80,14 @@ def enqueue(
     idempotency_key: str | None = None,
     idempotency_ttl: timedelta = timedelta(hours=24),
 ) -> tuple[Job, bool]:
-    """Add a job; returns (job, created).
+    """Add a job owned by `owner_key` (default ``name:<owner>``); returns (job, created).
 
     The same owner + idempotency key within `idempotency_ttl` of the first submit gives the
     same job if the submission is the same, and raises `IdempotencyKeyReused` if it differs
     (a client reusing a key by mistake must not get someone else's config back). After the
     ttl the key is taken off the old job and names the new one.
     """
+    owner_key = owner_key or f"name:{owner}"
     now = db_now(session)
     submission = {
         "name": name,
@@ -95,7 +97,7 @@ def enqueue(
         "tags": sorted(set(tags or [])),
     }
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, owner, idempotency_key)
+        existing = _by_idempotency_key(session, owner_key, idempotency_key)
         if existing is not None and existing.created_at <= now - idempotency_ttl:
             existing.idempotency_key = None  # expired: the key is free again
             session.flush()
@@ -104,6 +106,7 @@ def enqueue(
     job = Job(
         name=name,
         owner=owner,
+        owner_key=owner_key,
         status=JobStatus.QUEUED.value,
         config=submission["config"],
         priority=priority,
@@ -122,7 +125,7 @@ def enqueue(
             session.add(job)
             session.flush()
     except IntegrityError:
-        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        existing = _by_idempotency_key(session, owner_key, idempotency_key or "")
         if existing is None:
             raise
         return _same_submission(existing, submission), False
@@ -148,8 +151,8 @@ def _same_submission(job: Job, submission: dict[str, Any]) -> Job:
     return job
 
 
-def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
-    stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+def _by_idempotency_key(session: Session, owner_key: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.owner_key == owner_key, Job.idempotency_key == key)
     return session.scalars(stmt).first()
 
 

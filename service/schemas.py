@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from service.auth import RESERVED_NAMES
 from service.db.models import Job
 from service.storable import find_unstorable
 from xsam.config import TrainConfig
@@ -200,8 +201,18 @@ class EventsPublic(BaseModel):
 # --- tokens ----------------------------------------------------------------------------------
 
 
+def _not_reserved(name: str) -> str:
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved for the service's own tokens")
+    return name
+
+
 class TokenCreate(_Body):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$"),
+        AfterValidator(_not_reserved),
+    ]
     role: Literal["user", "agent", "admin"] = "user"
 
 

@@ -44,7 +44,7 @@ JobId = Annotated[int, Path(ge=0, le=MAX_BIGINT)]
 def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
     """The job, if the caller may see it; another owner's job is indistinguishable from none."""
     job = session.get(Job, job_id)
-    if job is None or (not principal.is_admin and job.owner != principal.name):
+    if job is None or (not principal.is_admin and job.owner_key != principal.owner_key):
         raise JobNotFound(f"job {job_id} not found")
     return job
 
@@ -73,6 +73,7 @@ def submit_job(
         job, created = queue.enqueue(
             session,
             owner=owner.name,
+            owner_key=owner.owner_key,
             config=body.config,
             name=body.name,
             priority=body.priority,
@@ -114,7 +115,7 @@ def list_jobs(
     """Jobs newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     stmt = select(Job).order_by(Job.id.desc()).limit(limit + 1)
     if not owner.is_admin:
-        stmt = stmt.where(Job.owner == owner.name)
+        stmt = stmt.where(Job.owner_key == owner.owner_key)
     if status is not None:
         stmt = stmt.where(Job.status == status.value)
     if tag is not None:

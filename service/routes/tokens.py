@@ -11,7 +11,7 @@ from service.auth import Role, create_token
 from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep
-from service.errors import TokenNotFound
+from service.errors import TokenNameTaken, TokenNotFound
 from service.schemas import MAX_BIGINT, TokenCreate, TokenCreated, TokenPublic, TokensPublic
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -29,8 +29,16 @@ def _public(token: Token) -> TokenPublic:
 
 @router.post("", status_code=201, response_model=TokenCreated)
 def create(body: TokenCreate, session: SessionDep, admin: AdminDep) -> TokenCreated:
-    """A new token; its secret is in this reply only."""
+    """A new token; its secret is in this reply only.
+
+    A name held by a token that is not revoked is refused (409), so a name shown as a job's
+    owner is one person; ownership itself follows the token, so a new token with a revoked
+    token's name does not see that token's jobs.
+    """
     with session.begin():
+        held = select(Token.id).where(Token.name == body.name, Token.revoked_at.is_(None))
+        if session.scalars(held).first() is not None:
+            raise TokenNameTaken(f"an active token is already named {body.name!r}")
         token, secret = create_token(session, body.name, Role(body.role))
         return TokenCreated(id=token.id, name=token.name, role=token.role, token=secret)
 
