@@ -51,10 +51,20 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import ApiError, ServiceUnreachable, XsamClient, default_server_and_token
+    from service.client import (
+        ApiError,
+        LocalSecretRefused,
+        ServiceUnreachable,
+        XsamClient,
+        default_server_and_token,
+    )
 
-    server, token = default_server_and_token(args.server, args.token)
     command = args.command
+    try:
+        server, token = default_server_and_token(args.server, args.token)
+    except LocalSecretRefused as exc:
+        _err(command, str(exc))
+        return 2
     try:
         with XsamClient(server, token) as api:
             return COMMANDS[command](api, args)
