@@ -101,12 +101,30 @@ def is_local_server(server: str, data_dir: Path | None = None) -> bool:
     host, port = _host_port(server)
     if host != "127.0.0.1":
         return False
+    running = _running_server_url(data_dir or default_data_dir())
+    if running is None:
+        return True  # no server runs on this data directory: any loopback port is ours
+    return _host_port(running) == (host, port)
+
+
+def _running_server_url(data_dir: Path) -> str | None:
+    """The URL `xsam serve` recorded in `data_dir`, if it still runs (holds the lock)."""
+    import fcntl
+
     try:
-        record = json.loads(((data_dir or default_data_dir()) / SERVE_RECORD).read_text())
-        recorded = _host_port(str(record["url"]))
+        fd = os.open(data_dir / SERVE_RECORD, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the server runs, and its record is current
+            return str(json.loads(os.pread(fd, 4096, 0))["url"])
+        return None  # nobody holds it: a record left by a server that was killed
     except (OSError, ValueError, KeyError, TypeError):
-        return True  # no server records itself: any loopback port is this machine's
-    return recorded == (host, port)
+        return None
+    finally:
+        os.close(fd)
 
 
 def default_server_and_token(

@@ -94,13 +94,22 @@ def test_a_token_given_for_another_server_is_used(foreign_server, tmp_path):
 def test_the_local_secret_goes_only_to_the_port_its_server_runs_on(tmp_path, live_server):
     # A running `xsam serve` records its URL in its data directory; another loopback port
     # (someone else's server on this machine) does not get the secret.
+    import fcntl
+
     (tmp_path / "admin.token").write_text(ADMIN_SECRET + "\n")
-    (tmp_path / "serve.lock").write_text(f'{{"pid": 1, "url": "{live_server.url}"}}')
-    ok = xsam("list", "--server", live_server.url.replace("127.0.0.1", "localhost"),
-              data_dir=tmp_path)  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
-    other = xsam("list", "--server", f"http://127.0.0.1:{free_port()}", data_dir=tmp_path)
-    assert other.returncode == 2 and "XSAM_TOKEN" in other.stderr
+    record = tmp_path / "serve.lock"
+    record.write_text(f'{{"pid": 1, "url": "{live_server.url}"}}')
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    # Not held (the server that wrote it was killed): the record is stale, loopback is ours.
+    stale = xsam("list", "--server", elsewhere, data_dir=tmp_path)
+    assert "XSAM_TOKEN" not in stale.stderr
+    with record.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running `xsam serve` holds it
+        ok = xsam("list", "--server", live_server.url.replace("127.0.0.1", "localhost"),
+                  data_dir=tmp_path)  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        other = xsam("list", "--server", elsewhere, data_dir=tmp_path)
+        assert other.returncode == 2 and "XSAM_TOKEN" in other.stderr
 
 
 NASTY = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\u202e"
