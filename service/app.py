@@ -22,9 +22,10 @@ from service import queue
 from service.body_limit import BodySizeLimit
 from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
 from service.deps import AppState, refuse_unstorable_body
-from service.errors import ServiceError, http_status
+from service.errors import RateLimited, ServiceError, http_status
 from service.observability import Instruments, RequestTimer
 from service.queue import LeasePolicy
+from service.quotas import SubmitRateLimiter
 from service.routes import agent, health, jobs, tokens
 from service.settings import Settings, get_settings
 from service.storable import printable
@@ -61,7 +62,10 @@ def _error(status: int, detail: str, code: str) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return _error(http_status(exc), exc.message, exc.code)
+    response = _error(http_status(exc), exc.message, exc.code)
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -150,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_backoff_max_s=settings.retry_backoff_max_s,
         ),
         instruments=Instruments(job_counts),
+        submit_limiter=SubmitRateLimiter(settings.submit_rate_per_minute),
     )
 
     @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from service.auth import Principal, Role, authenticate
 from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy
+from service.quotas import SubmitRateLimiter
 from service.settings import Settings
 from service.storable import find_unstorable
 
@@ -29,6 +30,7 @@ class AppState:
     reader: sessionmaker[Session]
     policy: LeasePolicy
     instruments: Instruments
+    submit_limiter: SubmitRateLimiter
 
 
 def get_state(request: Request) -> AppState:

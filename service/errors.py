@@ -40,6 +40,28 @@ class PermissionDenied(ServiceError):
     code = "forbidden"
 
 
+class PriorityNotAllowed(PermissionDenied):
+    """This token's role may not ask for that priority."""
+
+    code = "priority_not_allowed"
+
+
+class QuotaExceeded(ServiceError):
+    """A quota is used up; the message says which and what frees it."""
+
+    code = "quota_exceeded"
+
+
+class RateLimited(ServiceError):
+    """Too many requests; retry after ``retry_after`` seconds (the Retry-After header)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class JobNotFound(ServiceError):
     """No such job."""
 
@@ -102,6 +124,8 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     TokenNameTaken: 409,
     LeaseLost: 409,
     PayloadTooLarge: 413,
+    QuotaExceeded: 429,
+    RateLimited: 429,
 }
 
 

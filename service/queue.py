@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -79,13 +80,15 @@ def enqueue(
     tags: list[str] | None = None,
     idempotency_key: str | None = None,
     idempotency_ttl: timedelta = timedelta(hours=24),
+    admit: Callable[[], None] | None = None,
 ) -> tuple[Job, bool]:
     """Add a job owned by `owner_key` (default ``name:<owner>``); returns (job, created).
 
     The same owner + idempotency key within `idempotency_ttl` of the first submit gives the
     same job if the submission is the same, and raises `IdempotencyKeyReused` if it differs
     (a client reusing a key by mistake must not get someone else's config back). After the
-    ttl the key is taken off the old job and names the new one.
+    ttl the key is taken off the old job and names the new one. `admit` is called before a
+    new job is created (not for a replay): the quotas raise from it.
     """
     owner_key = owner_key or f"name:{owner}"
     now = db_now(session)
@@ -103,6 +106,8 @@ def enqueue(
             session.flush()
         elif existing is not None:
             return _same_submission(existing, submission), False
+    if admit is not None:
+        admit()
     job = Job(
         name=name,
         owner=owner,

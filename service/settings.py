@@ -51,6 +51,20 @@ class Settings(BaseSettings):
         gt=0,
         description="an Idempotency-Key names its job this long; then it may name a new one",
     )
+    max_queued_jobs_per_user: int = Field(
+        default=200, ge=0, description="queued jobs one user token may have (admins: no limit)"
+    )
+    max_user_priority: int = Field(
+        default=10, ge=-1000, le=1000, description="highest priority a user token may ask for"
+    )
+    submit_rate_per_minute: float = Field(
+        default=60.0,
+        ge=0,
+        description="submits a minute per user token, in bursts up to it; 0: off",
+    )
+    max_options_bytes: int = Field(
+        default=64 * 1024, gt=0, description="size cap of config.model/data.options as JSON"
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_ingest_points: int = Field(default=5000, gt=0)
     max_ingest_events: int = Field(default=1000, gt=0)

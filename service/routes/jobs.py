@@ -13,10 +13,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import events as event_log
-from service import metric_series, queue
+from service import metric_series, queue, quotas
 from service.auth import Principal
 from service.db.models import Job, JobTag
-from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
+from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
 from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
 from service.queue import JobStatus
 from service.schemas import (
@@ -64,11 +64,23 @@ def submit_job(
     owner: OwnerDep,
     response: Response,
     settings: SettingsDep,
+    state: StateDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
     """Queue a job. A repeated ``Idempotency-Key`` from the same owner with the same body
     returns the first job (200); with a different body it is a 409 ``idempotency_key_reused``.
     Keys expire after ``XSAM_IDEMPOTENCY_KEY_TTL_S`` (24 h)."""
+
+    def admit() -> None:  # a replay of an Idempotency-Key is not a new submit
+        quotas.check_submit(
+            session,
+            owner,
+            priority=body.priority,
+            config=body.config.model_dump(mode="json"),
+            settings=settings,
+            limiter=state.submit_limiter,
+        )
+
     with session.begin():
         job, created = queue.enqueue(
             session,
@@ -81,6 +93,7 @@ def submit_job(
             tags=body.tags,
             idempotency_key=idempotency_key or None,  # an empty header is no key
             idempotency_ttl=timedelta(seconds=settings.idempotency_key_ttl_s),
+            admit=admit,
         )
         if not created:
             response.status_code = 200

@@ -1,0 +1,79 @@
+"""Quotas over real HTTP, on SQLite and PostgreSQL: queued jobs per user, a priority cap for
+users, a per-token submit rate (429 + Retry-After) and a size cap on free-form options."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from service_support import ADMIN, CONFIG, LiveServer, make_settings
+
+from service.settings import Settings
+
+
+def user(url: str, name: str = "alice") -> dict[str, str]:
+    r = httpx.post(f"{url}/v1/tokens", json={"name": name}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def submit(url: str, headers: dict[str, str], **body) -> httpx.Response:
+    body.setdefault("config", CONFIG)
+    return httpx.post(f"{url}/v1/jobs", json=body, headers=headers)
+
+
+@pytest.fixture
+def server(db_url, tmp_path, request):
+    overrides = getattr(request, "param", {})
+    with LiveServer(make_settings(db_url, tmp_path, **overrides)) as live:
+        yield live.url
+
+
+def test_the_defaults_are_a_small_labs():
+    s = Settings(_env_file=None)
+    assert s.max_queued_jobs_per_user == 200 and s.max_user_priority == 10
+    assert s.submit_rate_per_minute == 60 and s.max_options_bytes == 64 * 1024
+
+
+@pytest.mark.parametrize("server", [{"max_queued_jobs_per_user": 2}], indirect=True)
+def test_queued_jobs_per_user(server):
+    alice, bob = user(server), user(server, "bob")
+    first = submit(server, alice, name="1")
+    assert submit(server, alice, name="2").status_code == 201
+    r = submit(server, alice, name="3")
+    assert r.status_code == 429 and r.json()["code"] == "quota_exceeded", r.text
+    # Per user, and admins are exempt.
+    assert submit(server, bob).status_code == 201
+    assert submit(server, ADMIN).status_code == submit(server, ADMIN).status_code == 201
+    # Cancelling one frees a place.
+    cancel = httpx.post(f"{server}/v1/jobs/{first.json()['id']}/cancel", headers=alice)
+    assert cancel.status_code == 200
+    assert submit(server, alice, name="4").status_code == 201
+
+
+def test_users_priority_is_capped(server):
+    alice = user(server)
+    assert submit(server, alice, priority=10).status_code == 201
+    r = submit(server, alice, priority=1000)
+    assert r.status_code == 403 and r.json()["code"] == "priority_not_allowed", r.text
+    assert submit(server, ADMIN, priority=1000).status_code == 201
+
+
+@pytest.mark.parametrize("server", [{"submit_rate_per_minute": 3}], indirect=True)
+def test_submit_rate_per_token(server):
+    alice, bob = user(server), user(server, "bob")
+    assert [submit(server, alice).status_code for _ in range(3)] == [201, 201, 201]
+    r = submit(server, alice)
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    assert 1 <= int(r.headers["Retry-After"]) <= 20
+    assert submit(server, bob).status_code == 201  # another token has its own allowance
+    listed = httpx.get(f"{server}/v1/jobs", headers=alice).json()["items"]
+    assert len(listed) == 3
+
+
+def test_options_are_size_capped(server):
+    alice = user(server)
+    big = {"name": "mlp", "options": {"blob": "x" * (64 * 1024)}}
+    r = submit(server, alice, config={**CONFIG, "model": big})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "config", "model", "options"]
+    assert httpx.get(f"{server}/v1/jobs", headers=ADMIN).json()["items"] == []
