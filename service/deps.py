@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,7 +70,16 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
-def get_principal(request: Request, state: StateDep) -> Principal:
+#: Declares the bearer scheme in the OpenAPI document (the header is parsed below, so that
+#: every failure is our own 401 body).
+bearer_scheme = HTTPBearer(auto_error=False, description="an xsam_... token")
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():

@@ -319,3 +319,34 @@ class EventsIngest(_Body):
 class IngestPublic(BaseModel):
     received: int
     inserted: int
+
+
+# --- error bodies, for the OpenAPI document ---------------------------------------------------
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: FastAPI's list of errors, each with the ``loc`` of its field, and a code."""
+
+    detail: list[dict[str, Any]]
+    code: str
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request (e.g. an invalid cursor, or a body nested too deep to parse)",
+    401: "No bearer token, or an unknown or revoked one",
+    403: "The token's role may not do that",
+    404: "No such resource, or not the caller's",
+    409: "Conflicts with the current state (finished job, lost lease, reused key, taken name)",
+    413: "The body or the batch is too large",
+    429: "A quota or the submit rate is exceeded (rate: see Retry-After)",
+    503: "The database is busy or unreachable; retry (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the ``{detail, code}`` body."""
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorPublic, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses
+    }
+    out[422] = {"model": ValidationErrorPublic, "description": "A field is invalid (see loc)"}
+    return out

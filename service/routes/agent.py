@@ -28,9 +28,14 @@ from service.schemas import (
     LeasePublic,
     MetricsIngest,
     ReleaseRequest,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1/agent", tags=["agent"])
+router = APIRouter(
+    prefix="/v1/agent",
+    tags=["agent"],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 503),
+)
 
 
 @router.post(

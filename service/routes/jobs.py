@@ -29,9 +29,10 @@ from service.schemas import (
     JobsPublic,
     LatestMetricsPublic,
     MetricsPublic,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 503))
 
 #: Most jobs one page may hold; a larger ``limit`` is a 422.
 MAX_PAGE_LIMIT = 200
@@ -57,7 +58,15 @@ def job_public(session: Session, job: Job) -> JobPublic:
     )
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "A replay of an Idempotency-Key: that job"},
+        **error_responses(403, 409, 413, 429),
+    },
+)
 def submit_job(
     body: JobCreate,
     session: SessionDep,
@@ -154,7 +163,7 @@ def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> JobPubli
     return job_public(session, visible_job(session, owner, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(409))
 def cancel_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """Queued: cancelled at once. Running: the agent is told and ends it ``cancelled``."""
     with session.begin():

@@ -12,9 +12,18 @@ from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep
 from service.errors import TokenNameTaken, TokenNotFound
-from service.schemas import MAX_BIGINT, TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from service.schemas import (
+    MAX_BIGINT,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    TokensPublic,
+    error_responses,
+)
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = APIRouter(
+    prefix="/v1/tokens", tags=["tokens"], responses=error_responses(400, 401, 403, 413, 503)
+)
 
 
 def _public(token: Token) -> TokenPublic:
@@ -27,7 +36,7 @@ def _public(token: Token) -> TokenPublic:
     )
 
 
-@router.post("", status_code=201, response_model=TokenCreated)
+@router.post("", status_code=201, response_model=TokenCreated, responses=error_responses(409))
 def create(body: TokenCreate, session: SessionDep, admin: AdminDep) -> TokenCreated:
     """A new token; its secret is in this reply only.
 
@@ -51,7 +60,7 @@ def list_tokens(session: ReadSessionDep, admin: AdminDep) -> TokensPublic:
     )
 
 
-@router.delete("/{token_id}", status_code=204)
+@router.delete("/{token_id}", status_code=204, responses=error_responses(404))
 def revoke(
     token_id: Annotated[int, Path(ge=0, le=MAX_BIGINT)], session: SessionDep, admin: AdminDep
 ) -> Response:

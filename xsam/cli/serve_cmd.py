@@ -88,7 +88,7 @@ class ServeLock:
 
         from service.client import SERVE_RECORD
 
-        data_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(data_dir)
         self.path = data_dir / SERVE_RECORD
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -111,6 +111,21 @@ class ServeLock:
     def release(self) -> None:
         os.ftruncate(self.fd, 0)
         os.close(self.fd)  # closing the descriptor drops the lock
+
+
+def _private_dir(path: Path) -> None:
+    """`path` exists and only its owner may enter it (0700; an older install's too)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
 
 
 def bind_port(host: str, port: int) -> socket.socket:
@@ -148,7 +163,14 @@ def prepare(settings) -> str:  # type: ignore[no-untyped-def]
     from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
     from service.db.migrate import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(settings.data_dir)
+    database = _sqlite_file(settings.url)
+    if database is not None:
+        # Created owner-only before SQLite opens it (its -wal/-shm files copy these modes).
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            if path.exists():
+                path.chmod(0o600)  # an older install's world-readable database
     upgrade(settings.url)
     if settings.admin_token is not None:
         return "$XSAM_ADMIN_TOKEN"
@@ -207,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # Everything this server writes (database, tokens, checkpoints, weights) is its owner's.
+    os.umask(0o077)
     # XSAM_DATA_DIR / XSAM_DATABASE_URL are read by Settings; flags win over them.
     settings = make_settings(args.data_dir, args.database_url)
     if not args.no_agent:
