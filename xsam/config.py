@@ -112,6 +112,15 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown model {v!r}; known: {', '.join(MODEL_NAMES)}")
         return v
 
+    @model_validator(mode="after")
+    def _declared_options(self) -> ModelConfig:
+        from xsam.option_specs import MODEL_OPTIONS, option_problems
+
+        problems = option_problems(MODEL_OPTIONS[self.name], self.options)
+        if problems:
+            raise ValueError(f"options: {'; '.join(problems)}")
+        return self
+
 
 class DataConfig(_Strict):
     """Which data set, where it lies (relative to the data root), and how it is batched."""
@@ -134,6 +143,15 @@ class DataConfig(_Strict):
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
         return v
+
+    @model_validator(mode="after")
+    def _declared_options(self) -> DataConfig:
+        from xsam.option_specs import DATASET_OPTIONS, option_problems
+
+        problems = option_problems(DATASET_OPTIONS[self.name], self.options)
+        if problems:
+            raise ValueError(f"options: {'; '.join(problems)}")
+        return self
 
     @field_validator("root")
     @classmethod

@@ -224,3 +224,32 @@ def test_downsampling_a_series_spanning_every_step_does_not_overflow(live_server
     one = httpx.get(f"{url}/v1/jobs/{job['id']}/metrics?max_points=1", headers=ADMIN).json()
     (bucket,) = one["series"]["loss"]
     assert bucket["min"] == 0.0 and bucket["max"] == 6.0 and bucket["value"] == 6.0
+
+
+# --- resource bombs: refused at submit, with the reason, not retried for hours at run time ---
+
+
+@pytest.mark.parametrize(
+    ("config", "loc", "reason"),
+    [
+        (with_config(data={"name": "synthetic", "options": {"num_train": 10**30}}),
+         ["body", "config", "data", "options"], "num_train"),
+        (with_config(data={"name": "synthetic",
+                           "options": {"shape": [3, 65536, 65536], "num_train": 10}}),
+         ["body", "config", "data", "options"], "GiB of samples"),
+        (with_config(data={"name": "digits", "batch_size": 10**30}),
+         ["body", "config", "data", "batch_size"], "must be <="),
+        (with_config(data={"name": "digits", "num_train": 10**30}),
+         ["body", "config", "data", "num_train"], "must be <="),
+        (with_config(model={"name": "mlp", "options": {"hidden": [65536] * 100}}),
+         ["body", "config", "model", "options"], "hidden"),
+        (with_config(model={"name": "mlp", "options": {"widht": 3}}),
+         ["body", "config", "model", "options"], "not an option"),
+    ],
+)  # fmt: skip
+def test_resource_bombs_are_refused_at_submit(live_server, config, loc, reason):
+    r = send(live_server.url, "/v1/jobs", config, ADMIN)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"] == loc and reason in e["msg"] for e in errors), errors
+    assert httpx.get(f"{live_server.url}/v1/jobs", headers=ADMIN).json()["items"] == []
