@@ -162,23 +162,43 @@ def _by_idempotency_key(session: Session, owner_key: str, key: str) -> Job | Non
 
 
 def claim_next(
-    session: Session, *, agent_id: str, cpus: float, gpus: int, policy: LeasePolicy
+    session: Session,
+    *,
+    agent_id: str,
+    cpus: float,
+    gpus: int,
+    policy: LeasePolicy,
+    max_running_gpus_per_owner: int = 0,
 ) -> Job | None:
     """Claim the highest-priority, oldest queued job that fits (`cpus`, `gpus`), or None.
 
     One statement: the candidate is locked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (so
     concurrent claimers pass over each other's rows); SQLite's ``BEGIN IMMEDIATE`` serialises
     writers instead. The attempt counter, a fresh lease token and the lease deadline are
-    written into the row in the same statement.
+    written into the row in the same statement. With `max_running_gpus_per_owner` > 0, a GPU
+    job whose owner already runs that many GPUs is passed over (its owner's other jobs wait;
+    everyone else's are claimed). On PostgreSQL two agents claiming at once may each see the
+    owner below the limit: the limit can be exceeded by one claim's worth, never more.
     """
     now = db_now(session)
+    fits = [Job.cpus <= cpus, Job.gpus <= gpus]
+    if max_running_gpus_per_owner > 0:
+        running = Job.__table__.alias("running")
+        owner_gpus = (
+            select(func.coalesce(func.sum(running.c.gpus), 0))
+            .where(
+                running.c.owner_key == Job.owner_key,
+                running.c.status == JobStatus.RUNNING.value,
+            )
+            .scalar_subquery()
+        )
+        fits.append(or_(Job.gpus == 0, owner_gpus + Job.gpus <= max_running_gpus_per_owner))
     candidate = (
         select(Job.id)
         .where(
             Job.status == JobStatus.QUEUED.value,
             or_(Job.not_before.is_(None), Job.not_before <= now),
-            Job.cpus <= cpus,
-            Job.gpus <= gpus,
+            *fits,
         )
         .order_by(Job.priority.desc(), Job.id)
         .limit(1)

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_user_priority: int = Field(
         default=10, ge=-1000, le=1000, description="highest priority a user token may ask for"
     )
+    max_running_gpus_per_user: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="GPUs one owner's running jobs may hold; claim passes over the rest; 0: off",
+    )
     submit_rate_per_minute: float = Field(
         default=60.0,
         ge=0,

@@ -54,6 +54,7 @@ def claim(
             cpus=body.capacity.cpus,
             gpus=body.capacity.gpus,
             policy=state.policy,
+            max_running_gpus_per_owner=state.settings.max_running_gpus_per_user,
         )
         if job is None:
             return Response(status_code=204)

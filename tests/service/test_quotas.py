@@ -80,3 +80,37 @@ def test_options_are_size_capped(server):
     assert r.json()["detail"][0]["loc"] == ["body", "config", "model", "options"]
     assert "bytes" in r.json()["detail"][0]["msg"]
     assert httpx.get(f"{server}/v1/jobs", headers=ADMIN).json()["items"] == []
+
+
+def gpu_job(url: str, headers: dict[str, str], gpus: int) -> dict:
+    resources = {"num_workers": gpus, "use_gpu": True}
+    r = submit(url, headers, config={**CONFIG, "resources": resources})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def claim(url: str, gpus: int) -> dict | None:
+    body = {"agent_id": "a1", "capacity": {"cpus": 64, "gpus": gpus}}
+    r = httpx.post(f"{url}/v1/agent/claim", json=body, headers=ADMIN)
+    assert r.status_code in (200, 204), r.text
+    return r.json() if r.status_code == 200 else None
+
+
+@pytest.mark.parametrize("server", [{"max_running_gpus_per_user": 2}], indirect=True)
+def test_running_gpus_per_user_at_claim(server):
+    alice, bob = user(server), user(server, "bob")
+    a1, a2 = gpu_job(server, alice, 2), gpu_job(server, alice, 1)
+    b1 = gpu_job(server, bob, 1)
+    cpu = submit(server, alice).json()
+    first = claim(server, 8)
+    assert first["job"]["id"] == a1["id"]  # alice now runs 2 GPUs: her limit
+    # Her next GPU job is passed over; bob's is claimed, and her CPU job still runs.
+    assert claim(server, 8)["job"]["id"] == b1["id"]
+    assert claim(server, 8)["job"]["id"] == cpu["id"]
+    assert claim(server, 8) is None
+    assert httpx.get(f"{server}/v1/jobs/{a2['id']}", headers=ADMIN).json()["status"] == "queued"
+    # When her first job ends, her second may run.
+    done = {"lease_token": first["lease"]["lease_token"], "status": "succeeded"}
+    r = httpx.post(f"{server}/v1/agent/jobs/{a1['id']}/finish", json=done, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert claim(server, 8)["job"]["id"] == a2["id"]
