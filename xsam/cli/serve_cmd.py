@@ -116,7 +116,10 @@ class ServeLock:
 def _private_dir(path: Path) -> None:
     """`path` exists and only its owner may enter it (0700; an older install's too)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
+    try:
+        path.chmod(0o700)
+    except PermissionError:  # a mounted volume this user does not own: its owner decides
+        log.warning("cannot make %s owner-only (not its owner); check its mode", path)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -170,7 +173,10 @@ def prepare(settings) -> str:  # type: ignore[no-untyped-def]
         os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
         for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
             if path.exists():
-                path.chmod(0o600)  # an older install's world-readable database
+                try:
+                    path.chmod(0o600)  # an older install's world-readable database
+                except PermissionError:
+                    log.warning("cannot make %s owner-only (not its owner)", path)
     upgrade(settings.url)
     if settings.admin_token is not None:
         return "$XSAM_ADMIN_TOKEN"
