@@ -42,6 +42,17 @@ if [ -z "$token" ]; then
     exit 2
 fi
 
+# The deployment needs Compose v2 (`docker compose`). Debian 12's `docker-compose` package is v1,
+# which refuses the file's top-level `name:`: a user who has only that is told what to install.
+if ! docker compose version >/dev/null 2>&1; then
+    v1=$(docker-compose version --short 2>/dev/null || true)
+    case $v1 in
+        1.*) echo "smoke_test: note: docker-compose $v1 is Compose v1; this deployment needs" \
+                  "Compose v2: install docker-compose-plugin (Docker's apt repository) or" \
+                  "Debian's docker-compose-v2, then use \`docker compose\`" >&2 ;;
+    esac
+fi
+
 export SMOKE_URL=$url SMOKE_TOKEN=$token SMOKE_GPU=$use_gpu SMOKE_WORKERS=$workers SMOKE_TIMEOUT=$timeout
 exec python3 - <<'PY'
 import json

@@ -256,9 +256,10 @@ class XsamClient:
         tag: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        study: int | None = None,
     ) -> dict[str, Any]:
-        """One page ``{items, next_cursor}``, newest first."""
-        params = {"status": status, "tag": tag, "limit": limit, "cursor": cursor}
+        """One page ``{items, next_cursor}``, newest first (``study``: only that study's jobs)."""
+        params = {"status": status, "tag": tag, "limit": limit, "cursor": cursor, "study": study}
         return self._json("GET", "/v1/jobs", params=params)
 
     def get_job(self, job_id: int) -> dict[str, Any]:
@@ -321,6 +322,44 @@ class XsamClient:
         except ValueError:
             detail, code = response.text, f"http_{response.status_code}"
         raise _BY_STATUS.get(response.status_code, ApiError)(response.status_code, code, detail)
+
+    # --- studies ---------------------------------------------------------------------------
+
+    def submit_study(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Submit a study ``{name?, base, arms?, grid?, seeds, baseline?, …}``; returns the Study."""
+        return self._json("POST", "/v1/studies", json=dict(spec))
+
+    def list_studies(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page ``{items, next_cursor}`` of Studies, newest first."""
+        return self._json("GET", "/v1/studies", params={"limit": limit, "cursor": cursor})
+
+    def get_study(self, study_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/v1/studies/{study_id}")
+
+    def cancel_study(self, study_id: int) -> dict[str, Any]:
+        """Cancel every job of the study not yet finished; returns the Study."""
+        return self._json("POST", f"/v1/studies/{study_id}/cancel")
+
+    def study_summary(
+        self,
+        study_id: int,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+        target: float | None = None,
+    ) -> dict[str, Any]:
+        """``{study_id, metric, mode, target, cells: [...]}`` (docs/api.md, Studies)."""
+        params = {"metric": metric, "mode": mode, "target": target}
+        return self._json("GET", f"/v1/studies/{study_id}/summary", params=params)
+
+    def study_curves(
+        self, study_id: int, *, name: str | None = None, max_points: int | None = None
+    ) -> dict[str, Any]:
+        """``{study_id, name, cells: {key: [{step, mean, sd, min, max, n}, ...]}}``."""
+        params = {"name": name, "max_points": max_points}
+        return self._json("GET", f"/v1/studies/{study_id}/curves", params=params)
 
     # --- tokens (admin) -------------------------------------------------------------------
 

@@ -68,6 +68,36 @@ class JobNotFound(ServiceError):
     code = "job_not_found"
 
 
+class StudyNotFound(ServiceError):
+    """No such study."""
+
+    code = "study_not_found"
+
+
+class StudyInvalid(ServiceError):
+    """A cell of the study is not a valid training config."""
+
+    code = "invalid_study"
+
+
+class UnknownPath(StudyInvalid):
+    """A dotted path names no field of the training config."""
+
+    code = "unknown_path"
+
+
+class StudyTooLarge(ServiceError):
+    """The study expands into more jobs than this server accepts in one study."""
+
+    code = "study_too_large"
+
+
+class StudyAlreadyFinished(ServiceError):
+    """Every job of the study has already finished."""
+
+    code = "study_finished"
+
+
 class TokenNotFound(ServiceError):
     """No such token."""
 
@@ -117,13 +147,17 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     JobNotFound: 404,
+    StudyNotFound: 404,
     TokenNotFound: 404,
     ArtifactNotFound: 404,
     JobAlreadyFinished: 409,
     IdempotencyKeyReused: 409,
     TokenNameTaken: 409,
+    StudyAlreadyFinished: 409,
     LeaseLost: 409,
     PayloadTooLarge: 413,
+    StudyInvalid: 422,
+    StudyTooLarge: 422,
     QuotaExceeded: 429,
     RateLimited: 429,
 }

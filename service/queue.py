@@ -81,6 +81,8 @@ def enqueue(
     idempotency_key: str | None = None,
     idempotency_ttl: timedelta = timedelta(hours=24),
     admit: Callable[[], None] | None = None,
+    study_id: int | None = None,
+    cell: str | None = None,
 ) -> tuple[Job, bool]:
     """Add a job owned by `owner_key` (default ``name:<owner>``); returns (job, created).
 
@@ -88,7 +90,8 @@ def enqueue(
     same job if the submission is the same, and raises `IdempotencyKeyReused` if it differs
     (a client reusing a key by mistake must not get someone else's config back). After the
     ttl the key is taken off the old job and names the new one. `admit` is called before a
-    new job is created (not for a replay): the quotas raise from it.
+    new job is created (not for a replay): the quotas raise from it. `study_id` and `cell`
+    tie a job to the study that expanded into it (service/studies.py).
     """
     owner_key = owner_key or f"name:{owner}"
     now = db_now(session)
@@ -122,6 +125,8 @@ def enqueue(
         idempotency_key=idempotency_key,
         created_at=now,
         cancel_requested=False,
+        study_id=study_id,
+        cell=cell,
         tag_rows=[JobTag(tag=t) for t in dict.fromkeys(tags or [])],
     )
     try:

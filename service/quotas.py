@@ -75,6 +75,13 @@ def check_submit(
             "may ask for (admins may go up to 1000)"
         )
     limiter.take(owner.owner_key)
+    check_queued(session, owner, settings)
+
+
+def check_queued(session: Session, owner: Principal, settings: Settings) -> None:
+    """Refuse one more queued job of `owner`'s past the queued-jobs quota (admins exempt)."""
+    if owner.is_admin:
+        return
     queued = session.scalar(
         select(func.count())
         .select_from(Job)

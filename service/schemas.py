@@ -108,6 +108,8 @@ class JobPublic(BaseModel):
     error: ErrorInfo | None
     queue_position: int | None
     cancel_requested: bool
+    study_id: int | None = None
+    cell: str | None = None
 
     @classmethod
     def from_job(
@@ -135,6 +137,8 @@ class JobPublic(BaseModel):
             error=ErrorInfo(**job.error) if job.error else None,
             queue_position=queue_position,
             cancel_requested=job.cancel_requested,
+            study_id=job.study_id,
+            cell=job.cell,
         )
 
 

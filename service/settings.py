@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_ingest_points: int = Field(default=5000, gt=0)
     max_ingest_events: int = Field(default=1000, gt=0)
+    max_study_jobs: int = Field(default=1000, gt=0, description="most jobs one study may expand to")
     db_pool_size: int = Field(default=20, gt=0)
     db_max_overflow: int = Field(default=40, ge=0)
     sqlite_busy_timeout_s: float = Field(default=60.0, gt=0)

@@ -28,9 +28,9 @@ from pydantic import (
 )
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
-MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
+MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d", "densenet121")
 #: Names the data set registry (xsam/data.py) must provide; a test keeps the two in step.
-DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic", "tiny_imagenet")
 OPTIMIZER_NAMES = ("sgd", "sgd+", "sam", "xsam")
 #: The α search evaluates the loss once per grid point; more than this is a mistake, not a plan.
 MAX_ALPHA_PROBES = 1000
@@ -131,8 +131,14 @@ class DataConfig(_Strict):
         description="directory relative to the data root (no absolute paths, no '..')",
     )
     batch_size: int = Field(default=125, description="per-step global batch size")
-    augment: bool = Field(default=True, description="crop+flip+Cutout for images; ignored for 1-D")
+    augment: bool = Field(
+        default=True, description="crop+flip+Cutout(p=0.5) for 32×32 images; ignored otherwise"
+    )
     num_train: int | None = Field(default=None, description="train on the first N samples only")
+    label_noise: float = Field(
+        default=0.0,
+        description="fraction of training labels swapped for another class, fixed by the seed",
+    )
     options: JSONObject = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
@@ -152,6 +158,13 @@ class DataConfig(_Strict):
         if problems:
             raise ValueError(f"options: {'; '.join(problems)}")
         return self
+
+    @field_validator("label_noise")
+    @classmethod
+    def _label_noise(cls, v: float) -> float:
+        if not 0 <= v < 1:  # NaN fails this too
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
 
     @field_validator("root")
     @classmethod
@@ -371,7 +384,25 @@ class TrainConfig(_Strict):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(default=1, description="evaluate on the test split every N epochs")
-    log_every: int = Field(default=10, description="report train metrics every N steps")
+    log_every: int = Field(
+        default=10,
+        description="read the train statistics back, report them and poll for stop/divergence "
+        "every N steps",
+    )
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="under DDP, BatchNorm normalises with the statistics of the global batch "
+        "(CUDA only)",
+    )
+    cudnn_benchmark: bool = Field(
+        default=False, description="let cuDNN pick the fastest convolution algorithms (CUDA only)"
+    )
+    compile_model: bool = Field(default=False, description="wrap the model in torch.compile")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="capture each non-search training step in a CUDA graph and replay it "
+        "(one GPU, no DDP, not with compile_model)",
+    )
 
     @field_validator("eval_every", "log_every")
     @classmethod
@@ -384,6 +415,38 @@ class TrainConfig(_Strict):
         if not 0 <= v < 2**63:
             raise ValueError(f"must be in [0, 2**63) (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _cuda_graphs_supported(self) -> TrainConfig:
+        if not self.cuda_graphs:
+            return self
+        if not self.resources.use_gpu:
+            raise ValueError("cuda_graphs: needs resources.use_gpu: true (a CUDA feature)")
+        if self.resources.num_workers > 1:
+            raise ValueError(
+                f"cuda_graphs: one GPU only (got resources.num_workers "
+                f"{self.resources.num_workers}); DDP's all-reduce in every backward is not "
+                "captured"
+            )
+        if self.compile_model:
+            raise ValueError(
+                "cuda_graphs: not with compile_model (torch.compile's mode='reduce-overhead' "
+                "is its own CUDA-graph path); pick one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        # Splitting unevenly would silently train on a smaller batch at the same learning rate.
+        ranks, batch = self.resources.num_workers, self.data.batch_size
+        if batch % ranks:
+            lower, upper = batch - batch % ranks, batch + ranks - batch % ranks
+            raise ValueError(
+                f"data.batch_size: must be divisible by resources.num_workers ({ranks}) so "
+                f"that every rank takes the same share of the global batch (got {batch}; "
+                f"e.g. {lower or upper} or {upper})"
+            )
+        return self
 
 
 def describe_errors(error: ValidationError) -> list[str]:

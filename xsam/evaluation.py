@@ -70,6 +70,19 @@ def evaluate_ranks(model, data, autocast, channels_last, distributed, rank, worl
     return {"val/loss": float(sums[0]) / n, "val/acc": float(sums[1]) / n}
 
 
+def accuracy_summary(accuracies: list[float]) -> dict[str, float]:
+    """``val/acc_best`` and ``val/acc_last5`` over the evaluations so far, oldest first.
+
+    The paper's authors report the best test accuracy of a run and the mean of its last five
+    evaluations (fewer when there were fewer); with ``eval_every`` N these are evaluations,
+    not epochs.
+    """
+    if not accuracies:
+        raise ValueError("accuracies: need at least one evaluation (got an empty list)")
+    last5 = accuracies[-5:]
+    return {"val/acc_best": max(accuracies), "val/acc_last5": sum(last5) / len(last5)}
+
+
 def evaluate(
     model: nn.Module, dataset: Dataset, *, batch_size: int = EVAL_BATCH, split: str = "test"
 ) -> dict[str, float]:

@@ -31,6 +31,12 @@ class _WidthOptions(_Options):
     width: Width = 64
 
 
+class _VGGOptions(_Options):
+    width: Width = 64
+    hidden: int = Field(default=4096, ge=1, le=65536)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+
+
 class _WideResNetOptions(_Options):
     depth: int = Field(default=16, ge=10, le=100)
     widen_factor: int = Field(default=8, ge=1, le=32)
@@ -49,8 +55,16 @@ class _CNN1DOptions(_Options):
     depth: int = Field(default=3, ge=1, le=16)
 
 
+class _DenseNetOptions(_Options):
+    growth_rate: int = Field(default=32, ge=1, le=256)
+
+
 class _NoOptions(_Options):
     pass
+
+
+class _TinyImageNetOptions(_Options):
+    size: int = Field(default=32, ge=8, le=64)
 
 
 class _MNIST1DOptions(_Options):
@@ -94,10 +108,11 @@ class _SyntheticOptions(_Options):
 MODEL_OPTIONS: dict[str, type[_Options]] = {
     "resnet18": _WidthOptions,
     "resnet50": _WidthOptions,
-    "vgg11_bn": _WidthOptions,
+    "vgg11_bn": _VGGOptions,
     "wrn16_8": _WideResNetOptions,
     "mlp": _MLPOptions,
     "cnn1d": _CNN1DOptions,
+    "densenet121": _DenseNetOptions,
 }
 
 #: data set name -> its options (keys equal xsam.config.DATASET_NAMES).
@@ -107,6 +122,7 @@ DATASET_OPTIONS: dict[str, type[_Options]] = {
     "cifar10": _NoOptions,
     "cifar100": _NoOptions,
     "synthetic": _SyntheticOptions,
+    "tiny_imagenet": _TinyImageNetOptions,
 }
 
 

@@ -59,6 +59,29 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class Study(Base):
+    """A study: one request expanded into jobs (arms × grid × seeds); see service/study_expand.py.
+
+    Its status and counts are derived from its jobs' statuses on read; only a cancel is stored.
+    """
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    owner: Mapped[str] = mapped_column(String(200))
+    #: The request as submitted (base, arms, grid, seeds, baseline, queue options).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    baseline: Mapped[str | None] = mapped_column(String(100))
+    seeds: Mapped[list[int]] = mapped_column(JSON)
+    #: The cells in expansion order: [{key, arm, params}].
+    cells: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_studies_owner_id", "owner", "id"),)
+
+
 class Job(Base):
     """One training job; the jobs table is also the queue (see service/queue.py)."""
 
@@ -91,6 +114,9 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Set on the jobs a study expanded into: the study and the cell's key (null otherwise).
+    study_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("studies.id"))
+    cell: Mapped[str | None] = mapped_column(String(500))
 
     tag_rows: Mapped[list[JobTag]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin", order_by="JobTag.tag"
@@ -102,6 +128,7 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_owner_key_id", "owner_key", "id"),
+        Index("ix_jobs_study_id", "study_id", "id"),
         UniqueConstraint("owner_key", "idempotency_key", name="uq_jobs_owner_key_idempotency_key"),
     )
 

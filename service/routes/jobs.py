@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from service import events as event_log
@@ -48,6 +48,11 @@ def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
     if job is None or (not principal.is_admin and job.owner_key != principal.owner_key):
         raise JobNotFound(f"job {job_id} not found")
     return job
+
+
+def visible_jobs(principal: Principal) -> list[ColumnElement[bool]]:
+    """WHERE clauses that keep the jobs the caller may see (none for an admin: every job)."""
+    return [] if principal.is_admin else [Job.owner_key == principal.owner_key]
 
 
 def job_public(session: Session, job: Job) -> JobPublic:
@@ -133,11 +138,12 @@ def list_jobs(
     tag: Annotated[str | None, Query(max_length=64, pattern=TAG_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_LIMIT)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
+    study: Annotated[int | None, Query(ge=0, le=MAX_BIGINT, description="a study's id")] = None,
 ) -> JobsPublic:
     """Jobs newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    stmt = select(Job).order_by(Job.id.desc()).limit(limit + 1)
-    if not owner.is_admin:
-        stmt = stmt.where(Job.owner_key == owner.owner_key)
+    stmt = select(Job).where(*visible_jobs(owner)).order_by(Job.id.desc()).limit(limit + 1)
+    if study is not None:
+        stmt = stmt.where(Job.study_id == study)
     if status is not None:
         stmt = stmt.where(Job.status == status.value)
     if tag is not None:

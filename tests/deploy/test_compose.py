@@ -498,24 +498,84 @@ def test_compose_refuses_to_start_without_each_secret() -> None:
             interpolate(load(COMPOSE), env)
 
 
-def compose_binary() -> list[str] | None:
+#: What a Compose v1 user installs instead (the file uses v2's top-level `name:`, v1 refuses it).
+COMPOSE_V2_HINT = (
+    "the deployment needs Compose v2: install the `docker-compose-plugin` package (Docker's apt "
+    "repository) or Debian's `docker-compose-v2`, then use `docker compose`"
+)
+
+
+def compose_version(binary: list[str]) -> str | None:
+    """``X.Y.Z`` as ``<binary> version --short`` prints it (v2 may prefix a ``v``), else None."""
+    try:
+        out = subprocess.run(
+            [*binary, "version", "--short"], capture_output=True, text=True, timeout=30
+        )
+    except OSError:
+        return None
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", out.stdout)
+    return match[0] if out.returncode == 0 and match else None
+
+
+def compose_binary() -> tuple[list[str] | None, str]:
+    """The Compose v2 command to check the file with, else None and why it cannot be used.
+
+    ``XSAM_COMPOSE_BIN`` names one explicitly; otherwise ``docker compose`` (the v2 plugin),
+    then a ``docker-compose`` binary (v2 standalone, or Debian 12's v1, which is refused).
+    """
+    candidates = []
     if os.environ.get("XSAM_COMPOSE_BIN"):
-        return shlex.split(os.environ["XSAM_COMPOSE_BIN"])
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
-        if probe.returncode == 0:
-            return ["docker", "compose"]
-    return None
+        candidates.append(shlex.split(os.environ["XSAM_COMPOSE_BIN"]))
+    else:
+        if shutil.which("docker"):
+            candidates.append(["docker", "compose"])
+        if shutil.which("docker-compose"):
+            candidates.append(["docker-compose"])
+    if not candidates:
+        return None, "no `docker compose` or `docker-compose` here (set XSAM_COMPOSE_BIN to one)"
+    reasons = []
+    for binary in candidates:
+        version = compose_version(binary)
+        if version is None:
+            reasons.append(f"`{shlex.join(binary)}` is not a working Compose (`version --short`)")
+        elif int(version.split(".")[0]) < 2:
+            reasons.append(f"`{shlex.join(binary)}` is Compose v1 ({version}): {COMPOSE_V2_HINT}")
+        else:
+            return binary, ""
+    return None, "; ".join(reasons)
+
+
+def stand_in_compose(tmp_path, version: str):
+    """A script that answers ``version --short`` as a Compose binary of ``version`` would."""
+    script = tmp_path / f"compose-{version}"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'[ "$1 $2" = "version --short" ] && {{ echo {version}; exit 0; }}\n'
+        "echo unsupported >&2; exit 1\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_compose_v1_is_refused_with_what_to_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XSAM_COMPOSE_BIN", stand_in_compose(tmp_path, "1.29.2"))
+    binary, reason = compose_binary()
+    assert binary is None
+    assert "Compose v1 (1.29.2)" in reason and "docker-compose-plugin" in reason
+
+
+def test_compose_v2_is_used(tmp_path, monkeypatch) -> None:
+    v2 = stand_in_compose(tmp_path, "2.27.0")
+    monkeypatch.setenv("XSAM_COMPOSE_BIN", v2)
+    assert compose_binary() == ([v2], "")
 
 
 def test_docker_compose_reads_the_file_as_the_tests_do(tmp_path) -> None:
     """`docker compose config` (no engine needed) accepts the file, and its interpolation of every
     command, environment and healthcheck equals ours, which the topology test relies on."""
-    binary = compose_binary()
+    binary, reason = compose_binary()
     if binary is None:
-        pytest.skip("no `docker compose` or `docker-compose` here (set XSAM_COMPOSE_BIN to one)")
+        pytest.skip(reason)
     env_file = tmp_path / "test.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in filled_env().items()))
     clean = {k: v for k, v in os.environ.items() if not re.match(r"(POSTGRES|XSAM|RAY)_", k)}

@@ -33,7 +33,9 @@ import httpx
 import pytest
 from compose_file import API_DOCKERFILE, REPO, dockerfile_instructions, interpolate, load
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.ray, pytest.mark.timeout(900)]
+# Starting the topology (a PostgreSQL cluster, two Ray nodes, API, agent) takes ~30 s; the job
+# ~50 s on an idle 2-core machine. 300 s leaves room for a loaded one, not for a hang.
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.ray, pytest.mark.timeout(300)]
 
 PG_HOST = os.environ.get("XSAM_TEST_PG_HOST", "127.0.0.1")
 PG_ADMIN = f"host={PG_HOST} port=5432 user=postgres dbname=postgres"

@@ -96,12 +96,13 @@ def test_a_user_token_named_admin_in_an_old_database_sees_no_admin_job(live_serv
 
 
 def test_the_migration_gives_existing_jobs_their_owners_token(db_url):
-    # db_url is migrated to head: go back to 0001, write rows as the old code did, come back.
+    # db_url is migrated to head: go back to before this migration, write rows as the old code
+    # did, come back.
     from sqlalchemy import create_engine, text
 
     from service.db.migrate import downgrade, upgrade
 
-    downgrade(db_url, "0001")
+    downgrade(db_url, "0002_studies")
     engine = create_engine(db_url)
     now = "2026-11-28 00:00:00"
     with engine.begin() as conn:

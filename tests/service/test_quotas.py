@@ -84,7 +84,8 @@ def test_options_are_size_capped(server):
 
 def gpu_job(url: str, headers: dict[str, str], gpus: int) -> dict:
     resources = {"num_workers": gpus, "use_gpu": True}
-    r = submit(url, headers, config={**CONFIG, "resources": resources})
+    data = {"name": "digits", "batch_size": 120}  # divisible by every rank count used here
+    r = submit(url, headers, config={**CONFIG, "data": data, "resources": resources})
     assert r.status_code == 201, r.text
     return r.json()
 

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# The first test also starts the session's Ray cluster and server (~70 s on a loaded 2-core
+# machine); no test here needs more than ~60 s on its own.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _events(api, job_id: int) -> list[dict]:

@@ -37,6 +37,8 @@ def test_dataset_declarations_match_the_loaders():
     synthetic = keyword_defaults(data._synthetic, given=("directory",))
     declared = DATASET_OPTIONS["synthetic"]().model_dump()
     assert declared == {k: list(v) if isinstance(v, tuple) else v for k, v in synthetic.items()}
+    # (its loader reads `size` from **options: the default is checked here by hand)
+    assert DATASET_OPTIONS["tiny_imagenet"]().model_dump() == {"size": 32}
     for name in ("digits", "cifar10", "cifar100"):
         assert DATASET_OPTIONS[name].model_fields == {}
 

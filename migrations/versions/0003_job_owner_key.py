@@ -8,8 +8,8 @@ environment's secrets; any other name (held by several tokens, or by none) becom
 ``legacy:<name>``, which no caller holds, so only admins see those jobs — which of the
 same-named tokens submitted them cannot be known.
 
-Revision ID: 0002_job_owner_key
-Revises: 0001
+Revision ID: 0003_job_owner_key
+Revises: 0002_studies
 Create Date: 2026-11-28
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_job_owner_key"
-down_revision: str | None = "0001"
+revision: str = "0003_job_owner_key"
+down_revision: str | None = "0002_studies"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
