@@ -31,7 +31,9 @@ def _all(client, headers, job_id, **params):
     items, after = [], 0
     while True:
         page = client.get(
-            f"/v1/jobs/{job_id}/logs", params={**params, "after": after, "limit": 7}, headers=headers
+            f"/v1/jobs/{job_id}/logs",
+            params={**params, "after": after, "limit": 7},
+            headers=headers,
         ).json()
         items += page["items"]
         if not page["items"]:
@@ -67,7 +69,7 @@ def test_a_stale_lease_is_refused_and_another_owner_sees_nothing(client, alice, 
 
 
 def test_a_failed_job_carries_the_traceback(client, alice, agent, running):
-    job_id, post, lease = running
+    job_id, _, lease = running
     traceback = 'Traceback (most recent call last):\n  File "t.py", line 1\nValueError: boom'
     error = {"type": "infrastructure_error", "message": "ValueError: boom", "traceback": traceback}
     r = client.post(
@@ -131,3 +133,45 @@ def test_logs_of_every_attempt_survive_a_retry(db_url, tmp_path):
         assert [i["attempt"] for i in items] == [1, 1, 2, 2]
         second, _ = _all(client, alice, job_id, attempt=2)
         assert [i["attempt"] for i in second] == [2, 2]
+
+
+def test_xsam_logs_follows_a_running_job_to_its_end(live_server, capsys):
+    import threading
+    import time
+
+    from service_support import ADMIN_SECRET, CONFIG
+
+    from service.client import XsamClient
+    from xsam.cli import main
+
+    admin = XsamClient(live_server.url, ADMIN_SECRET)
+    token = admin.create_token("carol")["token"]
+    user = XsamClient(live_server.url, token)
+    agent = XsamClient(live_server.url, admin.create_token("box", "agent")["token"])
+    job_id = user.submit(CONFIG)["id"]
+    lease = agent.claim("a1", 4, 0)["lease"]["lease_token"]
+    agent.ingest_logs(job_id, lease, _lines(0, range(3)) + _lines(1, range(2)))
+
+    def the_run_goes_on():
+        time.sleep(0.6)
+        agent.ingest_logs(job_id, lease, _lines(0, range(3, 5)))
+        time.sleep(0.6)
+        agent.ingest_logs(job_id, lease, [{**_lines(0, [5])[0], "stream": "log",
+                                           "level": "ERROR", "text": "the end"}])  # fmt: skip
+        agent.finish(job_id, lease, "failed", {"type": "boom", "message": "x"})
+
+    feeder = threading.Thread(target=the_run_goes_on)
+    feeder.start()
+    args = ["logs", "-f", str(job_id), "--interval", "0.2"]
+    code = main([*args, "--server", live_server.url, "--token", token])
+    feeder.join()
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert [line for line in out if "r0]" in line] == [
+        *(f"[a1 r0] r0 line {s}" for s in range(5)),
+        "[a1 r0] ERROR the end",
+    ]
+    assert [line for line in out if "r1]" in line] == [f"[a1 r1] r1 line {s}" for s in range(2)]
+    code = main(["logs", str(job_id), "--rank", "1", "--attempt", "1",
+                 "--server", live_server.url, "--token", token])  # fmt: skip
+    assert capsys.readouterr().out.splitlines() == ["r1 line 0", "r1 line 1"]
