@@ -25,7 +25,7 @@ from service.deps import AppState
 from service.errors import ServiceError, http_status
 from service.observability import Instruments, RequestTimer
 from service.queue import LeasePolicy
-from service.routes import agent, health, jobs, studies, tokens
+from service.routes import agent, health, jobs, studies, tokens, ui
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.xsam = state
-    for router in (jobs.router, studies.router, agent.router, tokens.router, health.router):
+    for router in (
+        jobs.router,
+        studies.router,
+        agent.router,
+        tokens.router,
+        health.router,
+        ui.router,
+    ):
         app.include_router(router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -88,6 +88,12 @@ class ArtifactNotFound(ServiceError):
     code = "artifact_not_found"
 
 
+class UiAssetNotFound(ServiceError):
+    """The dashboard has no such file."""
+
+    code = "not_found"
+
+
 class JobAlreadyFinished(ServiceError):
     """The job has already finished."""
 
@@ -116,6 +122,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     StudyNotFound: 404,
     TokenNotFound: 404,
     ArtifactNotFound: 404,
+    UiAssetNotFound: 404,
     JobAlreadyFinished: 409,
     StudyAlreadyFinished: 409,
     LeaseLost: 409,
