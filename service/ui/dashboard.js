@@ -107,7 +107,8 @@ function seriesTraces(name, points) {
 }
 
 function draw(div, traces, title, extra = {}) {
-  Plotly.react(div, traces, { ...LAYOUT, title: { text: title, font: { size: 14 } }, ...extra },
+  Plotly.react(div, traces,
+    { ...LAYOUT, title: { text: title, font: { size: 14 }, x: 0.02, xanchor: "left" }, ...extra },
     CONFIG);
 }
 
