@@ -221,11 +221,12 @@ class XsamClient:
     def latest_metrics(self, job_id: int) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}/metrics/latest")
 
-    def events(self, job_id: int, *, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+    def events(
+        self, job_id: int, *, after: int = 0, limit: int | None = None, type: str | None = None
+    ) -> dict[str, Any]:
         """``{items, next_after}``; pass ``next_after`` back as ``after`` to resume."""
-        return self._json(
-            "GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": limit}
-        )
+        params = {"after": after, "limit": limit, "type": type}
+        return self._json("GET", f"/v1/jobs/{job_id}/events", params=params)
 
     def logs(
         self,

@@ -88,10 +88,12 @@ class LogShipper:
                 del self._lines[:overflow]
                 self.dropped += overflow
 
+    @property
+    def thread_name(self) -> str:
+        return f"xsam-logs-{self.job_id}-{self.rank}"
+
     def start(self) -> LogShipper:
-        self._thread = threading.Thread(
-            target=self._run, name=f"xsam-logs-{self.job_id}-{self.rank}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -217,6 +219,10 @@ class _LineWriter(io.TextIOBase):
         return getattr(self._target, "encoding", "utf-8")
 
 
+#: Libraries that log every HTTP request at INFO: their INFO lines are not the run's.
+_CHATTY = frozenset({"httpx", "httpcore"})
+
+
 class _ShippingHandler(logging.Handler):
     """Sends every logging record (formatted, with its traceback if any) as one line."""
 
@@ -226,8 +232,10 @@ class _ShippingHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(__name__):
-            return  # never ship the shipper's own complaints (a send loop)
+        if record.name.startswith(__name__) or record.threadName == self._shipper.thread_name:
+            return  # never ship what shipping logs (httpx's request lines): a feedback loop
+        if record.name.split(".")[0] in _CHATTY and record.levelno < logging.WARNING:
+            return  # one line per report request (metrics, events, logs) drowns the run's own
         try:
             self._shipper.add("log", self.format(record), level=record.levelname)
         except Exception:

@@ -41,6 +41,7 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
     from service.client import XsamClient
     from worker.log_capture import capture_rank_logs
+    from worker.run_environment import record_environment
 
     rank = ray.train.get_context().get_world_rank()
     control = ray.get_actor(spec["control"], namespace=NAMESPACE)
@@ -51,6 +52,7 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
         client, spec["job_id"], spec["lease_token"], rank,
         interval=spec.get("report_interval_s", 1.0),
     ):  # fmt: skip
+        record_environment(client, spec["job_id"], spec["lease_token"], spec["attempt"], rank)
         try:
             return _train(spec, rank, control, client)
         except BaseException:

@@ -194,10 +194,13 @@ def get_events(
     owner: OwnerDep,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    type: Annotated[
+        str | None, Query(max_length=64, description="only events of this type")
+    ] = None,
 ) -> EventsPublic:
     """Events with id > ``after``, in order; pass ``next_after`` back to resume."""
     visible_job(session, owner, job_id)
-    rows = event_log.list_events(session, job_id, after=after, limit=limit)
+    rows = event_log.list_events(session, job_id, after=after, limit=limit, type_=type)
     return EventsPublic(
         items=[
             EventPublic(id=e.id, time=e.time, type=e.type, message=e.message, data=e.data)

@@ -190,10 +190,13 @@ async function jobView(view, id) {
   const logBox = el("pre", { class: "log", id: "log-tail" });
   const logNote = el("p", { id: "log-dropped" });
   const config = el("pre", { id: "job-config" });
+  const envBox = el("div", { id: "job-env" });
+  const envs = {};
   view.append(el("h1", {}, `Job ${id}`), head, el("section", {}, el("h2", {}, "Charts"), charts),
     el("section", {}, el("h2", {}, "Log"), logNote, logBox),
     el("section", {}, el("h2", {}, "Events"), el("table", {}, el("tr", {},
       el("th", {}, "time"), el("th", {}, "type"), el("th", {}, "message")), events)),
+    el("section", {}, el("h2", {}, "Run environment"), envBox),
     el("section", {}, el("h2", {}, "Config"), config));
 
   let job = null;
@@ -245,10 +248,16 @@ async function jobView(view, id) {
         events.append(el("tr", {}, el("td", {}, new Date(e.time).toLocaleTimeString()),
           el("td", {}, e.type), el("td", {}, e.message)));
         if (e.type === "alpha_search" && e.data?.alphas && e.data?.losses) searches.push(e);
+        if (e.type === "environment" && e.data) envs[`${e.data.attempt}:${e.data.rank}`] = e.data;
       }
       eventsAfter = page.next_after;
       if (!page.items.length) break;
     }
+    const keys = ["attempt", "rank", "host", "xsam", "git", "python", "torch", "cuda", "nccl", "ray", "gpu", "gpus"];
+    const rows = Object.values(envs).sort((a, b) => a.attempt - b.attempt || a.rank - b.rank);
+    envBox.replaceChildren(rows.length ? table(keys, rows.map((e) =>
+      el("tr", {}, keys.map((k) => el("td", {}, k === "git" && e[k] ? e[k].slice(0, 10) : fmt(e[k], 6)))))) :
+      el("p", {}, "not reported yet"));
     // The α probe curves: loss against α at each search (the latest ten).
     const recent = searches.slice(-10);
     draw(probes, recent.map((e) => ({ x: e.data.alphas, y: e.data.losses, mode: "lines+markers",

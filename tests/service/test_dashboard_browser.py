@@ -158,9 +158,7 @@ def _metrics(steps, lr_steps=()) -> list[dict]:
     return out
 
 
-def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(
-    server, browser, clients, tmp_path
-):
+def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(server, browser, clients, tmp_path):
     user, agent = clients["user"], clients["agent"]
     job = user.submit({**CONFIG, "schedule": {"epochs": 3}}, name="browser-job")
     lease = agent.claim("browser-agent", 4, 0)["lease"]["lease_token"]
@@ -169,6 +167,10 @@ def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(
     agent.ingest_events(job["id"], lease, [
         {"type": "alpha_search", "message": "α = 0.6 at step 1", "key": "s1",
          "data": {"step": 1, "alphas": [0, 0.5, 1.0, 1.5], "losses": [2.3, 2.1, 2.2, 2.6]}},
+        {"type": "environment", "message": "rank 0", "key": "environment:1:0",
+         "data": {"attempt": 1, "rank": 0, "host": "gpu-node-7", "python": "3.11.7",
+                  "torch": "2.13.0", "cuda": "12.8", "ray": "2.60.0", "gpu": "NVIDIA H100",
+                  "gpus": 1}},
     ])  # fmt: skip
     lines = [{"rank": 0, "seq": i, "stream": "stdout", "text": f"hello {i}"} for i in range(5)]
     agent.ingest_logs(job["id"], lease, lines)
@@ -179,6 +181,7 @@ def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(
     assert traces(browser, "chart-lr", "envelope") == 1  # 2000 points came downsampled
     assert traces(browser, "chart-probes", "probe") == 1
     wait_until("the log tail", lambda: "hello 4" in browser.find_element("id", "log-tail").text)
+    assert "gpu-node-7" in browser.find_element("id", "job-env").text
 
     # The job trains on: the open page follows without a reload.
     agent.ingest_metrics(job["id"], lease, _metrics(range(41, 101)))

@@ -94,3 +94,11 @@ def test_a_lost_lease_stops_shipping_and_a_restarted_rank_numbers_above_the_old_
     assert third.close() == 0
     third.add("stdout", "d")  # ignored: the lease is gone
     assert len(client.lines) == 2
+
+
+def test_http_request_lines_are_not_shipped():
+    client = FakeClient()
+    with capture_rank_logs(client, 7, "lease", rank=0, interval=0.05):
+        logging.getLogger("httpx").info("HTTP Request: POST http://x/v1/agent/jobs/7/metrics")
+        logging.getLogger("httpx").warning("retrying")
+    assert [line["text"] for line in client.lines] == ["httpx: retrying"]

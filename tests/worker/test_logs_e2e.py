@@ -40,9 +40,11 @@ def test_ranks_log_and_raise_lines_arrive_in_order_and_the_error_has_the_traceba
         mine = [line for line in lines if line["rank"] == rank]
         texts = [line["text"] for line in mine]
         assert {line["attempt"] for line in mine} == {1}
-        warning = next((i for i, line in enumerate(mine) if line["stream"] == "log"), None)
+        warning = next((i for i, t in enumerate(texts) if "bf16" in t), None)
         assert warning is not None, lines
-        assert mine[warning]["level"] == "WARNING" and "bf16" in texts[warning]
+        assert mine[warning]["level"] == "WARNING" and mine[warning]["stream"] == "log"
+        # No feedback loop: the requests that ship reports and logs are not logged as lines.
+        assert not [t for t in texts if "HTTP Request" in t], texts
         if "Traceback (most recent call last):" in texts:
             # The traceback follows the warning, on stderr, line by line in the order written.
             start = texts.index("Traceback (most recent call last):")
@@ -51,5 +53,9 @@ def test_ranks_log_and_raise_lines_arrive_in_order_and_the_error_has_the_traceba
     # The error's traceback is a failing rank's, as that rank wrote it to its log (the other
     # rank may be torn down by Ray before it writes its own).
     assert traceback.rstrip("\n") in tracebacks.values(), (traceback, tracebacks)
+    # Each rank recorded its run environment for the attempt.
+    envs = api.events(job["id"], type="environment")["items"]
+    assert sorted((e["data"]["attempt"], e["data"]["rank"]) for e in envs) == [(1, 0), (1, 1)]
+    assert all(e["data"]["torch"] and e["data"]["host"] for e in envs)
     only_1, _ = _logs(api, job["id"], rank=1)
     assert only_1 == [line for line in lines if line["rank"] == 1]
