@@ -4,6 +4,7 @@ files and CSV, equal to the API's raw points, even where the API would downsampl
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 from service_support import ADMIN_SECRET, CONFIG
@@ -88,5 +89,82 @@ def test_csv_reads_back_equal_to_the_apis_raw_points(finished, tmp_path):
 def test_export_needs_a_job_or_a_study(capsys, tmp_path):
     assert main(["export", "--to", "csv", str(tmp_path)]) == 2
     assert "JOB id or --study" in capsys.readouterr().err
-    assert main(["export", "1", "--to", "mlflow", str(tmp_path)]) == 2
-    assert "choose tensorboard or csv" in capsys.readouterr().err
+    assert main(["export", "1", "--to", "wandb", str(tmp_path)]) == 2
+    assert "choose tensorboard, csv or mlflow" in capsys.readouterr().err
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> str:
+    """A real `mlflow server` with a SQLite backend, on a free loopback port."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from service_support import free_port
+
+    if shutil.which("mlflow", path=os.path.dirname(sys.executable)) is None:
+        why = "mlflow is not installed (pip install 'xsam-service[mlflow]')"
+        if os.environ.get("XSAM_REQUIRE_MLFLOW") == "1":
+            pytest.fail(f"XSAM_REQUIRE_MLFLOW=1 but {why}")
+        pytest.skip(why)
+    port = free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--default-artifact-root", str(tmp_path / "mlartifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = (tmp_path / "mlflow.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # ~100 s here: mlflow's server start and its client's import
+# On SQLite only: the service side of the export (raw series over the API) is the same as the
+# other exports', which run on both backends.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_mlflow_runs_read_back_equal_to_the_apis_raw_points(finished, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    url, token, user, study_id, job_ids = finished
+    assert main(["export", "--study", str(study_id), "--to", "mlflow", mlflow_server,
+                 "--experiment", "xsam-test", "--server", url, "--token", token]) == 0  # fmt: skip
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("xsam-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(int(r.data.tags["xsam.job_id"]) for r in runs) == job_ids
+    for run in runs:
+        job_id = int(run.data.tags["xsam.job_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["xsam.cell"] in ("sgd", "xsam")
+        assert run.data.params["optimizer.name"] == run.data.tags["xsam.cell"]
+        assert run.data.params["seed"] == "3"
+        raw = _raw(user, job_id)
+        got = {
+            name: sorted(
+                (m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)
+            )
+            for name in raw
+        }
+        assert got == raw

@@ -1,5 +1,5 @@
-"""`xsam export JOB|--study ID --to tensorboard|csv DEST`: a job's (or a study's jobs') series,
-read over the REST API at full resolution, written where the user's own tools read them.
+"""`xsam export JOB|--study ID --to tensorboard|csv|mlflow DEST`: a job's (or a study's jobs')
+series, read over the REST API at full resolution, written where the user's own tools read them.
 
 - ``tensorboard``: one run directory per job (``DEST/job-<id>/``, or
   ``DEST/study-<id>/<cell>/job-<id>/``) with an event file written by TensorBoard's own writer;
@@ -7,6 +7,10 @@ read over the REST API at full resolution, written where the user's own tools re
   back equals the API's raw point.
 - ``csv``: ``DEST/job-<id>.csv`` (or ``DEST/study-<id>.csv``) with
   ``job_id,cell,seed,name,step,epoch,value,time``.
+- ``mlflow``: DEST is a tracking URI (``http://host:5000``, or a local path); one run per job in
+  the experiment ``--experiment`` (default ``xsam``), with the config as parameters (dotted
+  paths), every series as metrics at their steps, and tags ``xsam.job_id``, ``xsam.study_id``,
+  ``xsam.cell``. Needs the ``mlflow`` extra.
 
 Series longer than one response are read in step windows (the API downsamples beyond
 ``max_points``; the buckets' ``step_min``/``step_max``/``count`` say where to cut), so the export
@@ -36,15 +40,18 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--study", type=int, default=None, metavar="ID", help="a study's jobs")
     # `--to FORMAT DEST` as one option, so that JOB may come first: argparse cannot place an
     # optional positional before a required one when options come between them.
-    parser.add_argument("--to", nargs=2, required=True, metavar=("{tensorboard,csv}", "DEST"),
-                        help="the format, and a directory to write into (created)")  # fmt: skip
+    parser.add_argument("--to", nargs=2, required=True,
+                        metavar=("{tensorboard,csv,mlflow}", "DEST"),
+                        help="the format, and a directory to write into (created), or for "
+                        "mlflow a tracking URI")  # fmt: skip
+    parser.add_argument("--experiment", default="xsam", help="the MLflow experiment (mlflow)")
 
 
 def run(args: argparse.Namespace) -> int:
     args.format, dest = args.to
-    args.dest = Path(dest)
-    if args.format not in ("tensorboard", "csv"):
-        jobs_cmd._err("export", f"--to {args.format!r}: choose tensorboard or csv")
+    args.dest = dest
+    if args.format not in ("tensorboard", "csv", "mlflow"):
+        jobs_cmd._err("export", f"--to {args.format!r}: choose tensorboard, csv or mlflow")
         return 2
     if (args.job_id is None) == (args.study is None):
         jobs_cmd._err("export", "give a JOB id or --study ID (one of them)")
@@ -104,7 +111,12 @@ def _safe(name: str) -> str:
 
 def export(api, args: argparse.Namespace) -> int:
     jobs = _jobs(api, args)
-    dest: Path = args.dest
+    if args.format == "mlflow":
+        for job in jobs:
+            run_id = write_mlflow(args.dest, args.experiment, job, raw_series(api, job["id"]))
+            print(f"job {job['id']}: MLflow run {run_id}")
+        return 0
+    dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     if args.format == "csv":
         path = dest / (f"study-{args.study}.csv" if args.study else f"job-{args.job_id}.csv")
@@ -164,3 +176,49 @@ def write_tensorboard(run_dir: Path, series: dict[str, list[dict[str, Any]]]) ->
 
 def _wall_time(time: str | None) -> float:
     return datetime.fromisoformat(time).timestamp() if time else 0.0
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = str(value)[:6000]  # MLflow's limit on a parameter's value
+    return out
+
+
+def write_mlflow(
+    tracking_uri: str, experiment: str, job: dict[str, Any], series: dict[str, list[dict]]
+) -> str:
+    """One MLflow run for the job; returns its run id."""
+    try:
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise SystemExit(
+            f"xsam export --to mlflow needs mlflow (pip install 'xsam-service[mlflow]'): {exc}"
+        ) from None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"xsam.job_id": str(job["id"]), "xsam.status": job["status"]}
+    if job.get("study_id") is not None:
+        tags.update({"xsam.study_id": str(job["study_id"]), "xsam.cell": job.get("cell") or ""})
+    run = client.create_run(experiment_id, run_name=job.get("name") or f"job-{job['id']}",
+                            tags=tags)  # fmt: skip
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in sorted(_flatten(job.get("config") or {}).items())]
+    for i in range(0, len(params), 100):  # MLflow's limit on parameters per batch
+        client.log_batch(run_id, params=params[i : i + 100])
+    metrics = [
+        Metric(name, float(p["value"]), int(_wall_time(p.get("time")) * 1000), int(p["step"]))
+        for name, points in sorted(series.items())
+        for p in points
+    ]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit on metrics per batch
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    status = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
+    client.set_terminated(run_id, status.get(job["status"], "FINISHED"))
+    return run_id
