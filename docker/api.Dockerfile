@@ -32,7 +32,8 @@ COPY worker ./worker
 # alembic.ini and migrations/ next to service/), so the code stays where they are.
 RUN pip install --no-deps --editable . \
     && python -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'ray') if u.find_spec(m)]; sys.exit(f'the API image must not contain {bad}' if bad else 0)" \
-    && python -c "import fastapi, sqlalchemy, alembic, psycopg, service.app"
+    && python -c "import fastapi, sqlalchemy, alembic, psycopg, service.app" \
+    && python -c "from service.routes.ui import plotly_bundle; assert plotly_bundle(), 'the dashboard needs plotly.min.js'"
 
 # Mount points owned by the service user, so named volumes mounted there start out writable by it.
 RUN mkdir -p /var/lib/xsam /artifacts && chown xsam:xsam /var/lib/xsam /artifacts

@@ -26,7 +26,7 @@ from service.errors import RateLimited, ServiceError, http_status
 from service.observability import Instruments, RequestTimer
 from service.queue import LeasePolicy
 from service.quotas import SubmitRateLimiter
-from service.routes import agent, health, jobs, studies, tokens
+from service.routes import agent, health, jobs, studies, tokens, ui
 from service.settings import Settings, get_settings
 from service.storable import printable
 
@@ -177,7 +177,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(refuse_unstorable_body)],
     )
     app.state.xsam = state
-    for router in (jobs.router, studies.router, agent.router, tokens.router, health.router):
+    for router in (
+        jobs.router,
+        studies.router,
+        agent.router,
+        tokens.router,
+        health.router,
+        ui.router,
+    ):
         app.include_router(router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -289,11 +289,25 @@ class XsamClient:
     def latest_metrics(self, job_id: int) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}/metrics/latest")
 
-    def events(self, job_id: int, *, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+    def events(
+        self, job_id: int, *, after: int = 0, limit: int | None = None, type: str | None = None
+    ) -> dict[str, Any]:
         """``{items, next_after}``; pass ``next_after`` back as ``after`` to resume."""
-        return self._json(
-            "GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": limit}
-        )
+        params = {"after": after, "limit": limit, "type": type}
+        return self._json("GET", f"/v1/jobs/{job_id}/events", params=params)
+
+    def logs(
+        self,
+        job_id: int,
+        *,
+        after: int = 0,
+        attempt: int | None = None,
+        rank: int | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """``{items: [{id, attempt, rank, time, stream, level, text}], next_after, dropped}``."""
+        params = {"after": after, "attempt": attempt, "rank": rank, "limit": limit}
+        return self._json("GET", f"/v1/jobs/{job_id}/logs", params=params)
 
     def download_model(self, job_id: int, dest: str | Path) -> Path:
         """Stream the job's trained weights to `dest` (a file, or a directory to put it in)."""
@@ -437,6 +451,13 @@ class XsamClient:
         """Events ``{type, message, data?, key?}``; a key the job already has is dropped."""
         body = {"lease_token": lease_token, "events": [_jsonable(e) for e in events]}
         return self._json("POST", f"/v1/agent/jobs/{job_id}/events", json=body, agent=True)
+
+    def ingest_logs(
+        self, job_id: int, lease_token: str, lines: Iterable[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Lines ``{rank, seq, time?, stream, level?, text}``; replays are dropped."""
+        body = {"lease_token": lease_token, "lines": [_jsonable(line) for line in lines]}
+        return self._json("POST", f"/v1/agent/jobs/{job_id}/logs", json=body, agent=True)
 
 
 def _jsonable(item: Mapping[str, Any]) -> dict[str, Any]:

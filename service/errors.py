@@ -110,6 +110,12 @@ class ArtifactNotFound(ServiceError):
     code = "artifact_not_found"
 
 
+class UiAssetNotFound(ServiceError):
+    """The dashboard has no such file."""
+
+    code = "not_found"
+
+
 class JobAlreadyFinished(ServiceError):
     """The job has already finished."""
 
@@ -150,6 +156,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     StudyNotFound: 404,
     TokenNotFound: 404,
     ArtifactNotFound: 404,
+    UiAssetNotFound: 404,
     JobAlreadyFinished: 409,
     IdempotencyKeyReused: 409,
     TokenNameTaken: 409,

@@ -65,12 +65,11 @@ def record_event(
     record_events(session, job_id, [{"type": type_, "message": message, "data": data}], now=now)
 
 
-def list_events(session: Session, job_id: int, *, after: int, limit: int) -> list[Event]:
-    """Events of `job_id` with id > `after`, oldest first."""
-    stmt = (
-        select(Event)
-        .where(Event.job_id == job_id, Event.id > after)
-        .order_by(Event.id)
-        .limit(limit)
-    )
-    return list(session.scalars(stmt))
+def list_events(
+    session: Session, job_id: int, *, after: int, limit: int, type_: str | None = None
+) -> list[Event]:
+    """Events of `job_id` with id > `after` (of one type, if given), oldest first."""
+    stmt = select(Event).where(Event.job_id == job_id, Event.id > after)
+    if type_ is not None:
+        stmt = stmt.where(Event.type == type_)
+    return list(session.scalars(stmt.order_by(Event.id).limit(limit)))

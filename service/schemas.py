@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
 
 from service.auth import RESERVED_NAMES
 from service.db.models import Job
@@ -81,6 +88,16 @@ class Progress(BaseModel):
 class ErrorInfo(BaseModel):
     type: str = Field(max_length=200)
     message: str = Field(default="", max_length=20_000)
+    #: The failing rank's full Python traceback, when a rank raised.
+    traceback: str | None = Field(default=None, max_length=200_000)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_traceback(self, handler: Any) -> dict[str, Any]:
+        # Errors that carry no traceback (lease expired, bad config) keep their {type, message}.
+        data = handler(self)
+        if data.get("traceback") is None:
+            data.pop("traceback", None)
+        return data
 
 
 class MetricPoint(BaseModel):
@@ -202,6 +219,23 @@ class EventsPublic(BaseModel):
     next_after: int
 
 
+class LogLinePublic(BaseModel):
+    id: int
+    attempt: int
+    rank: int
+    time: datetime
+    stream: str
+    level: str | None
+    text: str
+
+
+class LogsPublic(BaseModel):
+    items: list[LogLinePublic]
+    next_after: int
+    #: Lines of this job the per-job cap has dropped (from the middle: head and tail stay).
+    dropped: int
+
+
 # --- tokens ----------------------------------------------------------------------------------
 
 
@@ -318,6 +352,20 @@ class EventIn(_In):
 class EventsIngest(_Body):
     lease_token: str = Field(max_length=64)
     events: list[EventIn]
+
+
+class LogLineIn(_In):
+    rank: int = Field(ge=0, le=MAX_INT)
+    seq: int = Field(ge=0, le=MAX_BIGINT)
+    time: UTCTime | None = None
+    stream: Literal["stdout", "stderr", "log"]
+    level: str | None = Field(default=None, max_length=16)
+    text: str = Field(max_length=20_000)
+
+
+class LogsIngest(_Body):
+    lease_token: str = Field(max_length=64)
+    lines: list[LogLineIn]
 
 
 class IngestPublic(BaseModel):

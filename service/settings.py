@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_ingest_points: int = Field(default=5000, gt=0)
     max_ingest_events: int = Field(default=1000, gt=0)
+    max_ingest_log_lines: int = Field(default=5000, gt=0)
+    max_log_lines_per_job: int = Field(
+        default=200_000,
+        ge=2,
+        description="log lines kept per job: the first half and the newest half; the middle "
+        "is dropped and counted",
+    )
     max_study_jobs: int = Field(default=1000, gt=0, description="most jobs one study may expand to")
     db_pool_size: int = Field(default=20, gt=0)
     db_max_overflow: int = Field(default=40, ge=0)

@@ -38,6 +38,7 @@ class JobControl:
         self._progress: dict[str, int] | None = None
         self._outcome: dict[str, Any] | None = None
         self._controller: Any = None
+        self._traceback: str | None = None
 
     def request_stop(self, reason: str) -> None:
         # The first reason wins except that a lost lease overrides all (nothing more is sent).
@@ -59,6 +60,14 @@ class JobControl:
 
     def outcome(self) -> dict[str, Any] | None:
         return self._outcome
+
+    def set_traceback(self, rank: int, text: str) -> None:
+        # The first rank to raise is the failing one; the others usually fail because of it.
+        if self._traceback is None:
+            self._traceback = f"rank {rank}:\n{text}"
+
+    def traceback(self) -> str | None:
+        return self._traceback
 
     def set_controller(self, handle: Any) -> None:
         self._controller = handle

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,20 +40,40 @@ def _rank_device() -> str:
 def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
     from service.client import XsamClient
+    from worker.log_capture import capture_rank_logs
+    from worker.run_environment import record_environment
+
+    rank = ray.train.get_context().get_world_rank()
+    control = ray.get_actor(spec["control"], namespace=NAMESPACE)
+    # Hook-in point of the log capture: every rank's stdout, stderr and logging, for the whole
+    # run, go to the service; a rank that raises leaves its traceback with the control actor.
+    client = XsamClient(spec["server"], spec["token"], timeout=10)
+    with capture_rank_logs(
+        client, spec["job_id"], spec["lease_token"], rank,
+        interval=spec.get("report_interval_s", 1.0),
+    ):  # fmt: skip
+        record_environment(client, spec["job_id"], spec["lease_token"], spec["attempt"], rank)
+        try:
+            return _train(spec, rank, control, client)
+        except BaseException:
+            text = traceback.format_exc()
+            sys.stderr.write(text)  # into the job's log too
+            ray.get(control.set_traceback.remote(rank, text))
+            raise
+
+
+def _train(spec: dict[str, Any], rank: int, control: Any, client: Any) -> dict[str, Any] | None:
     from worker.reporter import Reporter
     from xsam.config import TrainConfig
     from xsam.errors import XsamError
     from xsam.training import fit
 
-    rank = ray.train.get_context().get_world_rank()
-    control = ray.get_actor(spec["control"], namespace=NAMESPACE)
     previous = ray.get(control.outcome.remote())
     if previous is not None and previous.get("status") == "failed":
         return None  # a restarted group after a failure that no retry can fix: do nothing
 
     reporter: Reporter | None = None
     if rank == 0:
-        client = XsamClient(spec["server"], spec["token"], timeout=10)
         reporter = Reporter(
             client,
             spec["job_id"],
@@ -104,8 +126,10 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     except XsamError as exc:
         # No retry can fix this: record the classification and return normally, so that Ray
         # Train does not restart the group; the agent finishes the job `failed`.
+        text = traceback.format_exc()
+        sys.stderr.write(text)  # into the job's log too
         left = reporter.close(FINAL_FLUSH_S) if reporter is not None else None
-        error = {"type": exc.code, "message": str(exc)}
+        error = {"type": exc.code, "message": str(exc), "traceback": text}
         ray.get(control.set_outcome.remote({"status": "failed", "error": error, "rank": rank,
                                             "undelivered": left}))  # fmt: skip
         return None

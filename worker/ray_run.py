@@ -209,11 +209,12 @@ class JobRun:
                 if exc is not None
                 else Failure(True, "infrastructure_error", "the run ended without an outcome")
             )
+            error = {**failure.as_error(), **self._traceback()}
             if not failure.retryable:
-                return RunResult("failed", error=failure.as_error())
+                return RunResult("failed", error=error)
             if self._stop_reason:
                 return RunResult("stopped", stop_reason=self._stop_reason)
-            return RunResult("infrastructure", error=failure.as_error())
+            return RunResult("infrastructure", error=error)
         undelivered = outcome.get("undelivered")
         if outcome["status"] == "failed":
             return RunResult("failed", error=outcome["error"], undelivered=undelivered)
@@ -223,6 +224,14 @@ class JobRun:
         # A stop nobody asked for comes from the reporter's own 409: the lease is gone.
         reason = outcome.get("stop_reason") or self._stop_reason or LEASE_LOST
         return RunResult("stopped", stop_reason=reason, undelivered=undelivered)
+
+    def _traceback(self) -> dict[str, str]:
+        """``{"traceback": <the failing rank's>}`` when a rank raised, else ``{}``."""
+        try:
+            text = ray.get(self._control.traceback.remote(), timeout=10)
+        except Exception:  # the control actor is gone: the error keeps its type and message
+            return {}
+        return {"traceback": text} if text else {}
 
     def _write_config(self) -> None:
         path = self.artifact_dir / "config.json"

@@ -189,6 +189,58 @@ class Event(Base):
     )
 
 
+class LogLine(Base):
+    """One line a rank wrote (stdout, stderr or a logging record); see service/job_logs.py.
+
+    (job_id, attempt, rank, seq) is unique: a replayed batch inserts nothing.
+    """
+
+    __tablename__ = "log_lines"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    stream: Mapped[str] = mapped_column(String(16))
+    level: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_log_lines_job_id_id", "job_id", "id"),
+        UniqueConstraint(
+            "job_id", "attempt", "rank", "seq", name="uq_log_lines_job_id_attempt_rank_seq"
+        ),
+    )
+
+
+class LogStream(Base):
+    """The highest seq received from one rank of one attempt: a line at or below it is a
+    replay, even when the cap has since deleted the line it repeats."""
+
+    __tablename__ = "log_streams"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class LogTotal(Base):
+    """Per job: how many log lines are stored and how many the cap dropped."""
+
+    __tablename__ = "log_totals"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    kept: Mapped[int] = mapped_column(BigInteger)
+    dropped: Mapped[int] = mapped_column(BigInteger)
+
+
 class Token(Base):
     """A bearer token: only the SHA-256 of its secret is stored."""
 

@@ -8,10 +8,12 @@ changes nothing, and the agent must stop that run.
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from sqlalchemy import select
 
 from service import events as event_log
-from service import metric_series, queue
+from service import job_logs, metric_series, queue
 from service.db.engine import db_now
+from service.db.models import Job
 from service.deps import AgentDep, SessionDep, StateDep
 from service.errors import PayloadTooLarge
 from service.queue import JobStatus
@@ -26,6 +28,7 @@ from service.schemas import (
     IngestPublic,
     JobPublic,
     LeasePublic,
+    LogsIngest,
     MetricsIngest,
     ReleaseRequest,
     error_responses,
@@ -89,7 +92,7 @@ def finish(job_id: JobId, body: FinishRequest, session: SessionDep, agent: Agent
             job_id,
             body.lease_token,
             JobStatus(body.status),
-            error=body.error.model_dump() if body.error else None,
+            error=body.error.model_dump(exclude_none=True) if body.error else None,
         )
         return job_public(session, job)
 
@@ -135,3 +138,24 @@ def ingest_events(
         inserted = event_log.record_events(session, job_id, events, now=now)
     state.instruments.events.inc(len(events))
     return IngestPublic(received=len(events), inserted=inserted)
+
+
+@router.post("/jobs/{job_id}/logs", response_model=IngestPublic)
+def ingest_logs(
+    job_id: JobId, body: LogsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+) -> IngestPublic:
+    """Store ranks' log lines under the lease's attempt; a line already received (same attempt,
+    rank and seq) is a replay and is dropped. Past the job's cap the middle is dropped."""
+    limit = state.settings.max_ingest_log_lines
+    if len(body.lines) > limit:
+        raise PayloadTooLarge(f"{len(body.lines)} log lines in one batch; at most {limit}")
+    lines = [line.model_dump() for line in body.lines]
+    with session.begin():
+        now = db_now(session)
+        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+        attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+        assert attempt is not None
+        inserted = job_logs.ingest(
+            session, job_id, attempt, lines, now=now, cap=state.settings.max_log_lines_per_job
+        )
+    return IngestPublic(received=len(lines), inserted=inserted)

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, read, cancel jobs; their metrics, events and trained weights."""
+"""/v1/jobs: submit, list, read, cancel jobs; their metrics, events, logs and trained weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from service import events as event_log
-from service import metric_series, queue, quotas
+from service import job_logs, metric_series, queue, quotas
 from service.auth import Principal
 from service.db.models import Job, JobTag
 from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
@@ -28,6 +28,8 @@ from service.schemas import (
     JobPublic,
     JobsPublic,
     LatestMetricsPublic,
+    LogLinePublic,
+    LogsPublic,
     MetricsPublic,
     error_responses,
 )
@@ -220,16 +222,53 @@ def get_events(
     owner: OwnerDep,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    type: Annotated[
+        str | None, Query(max_length=64, description="only events of this type")
+    ] = None,
 ) -> EventsPublic:
     """Events with id > ``after``, in order; pass ``next_after`` back to resume."""
     visible_job(session, owner, job_id)
-    rows = event_log.list_events(session, job_id, after=after, limit=limit)
+    rows = event_log.list_events(session, job_id, after=after, limit=limit, type_=type)
     return EventsPublic(
         items=[
             EventPublic(id=e.id, time=e.time, type=e.type, message=e.message, data=e.data)
             for e in rows
         ],
         next_after=rows[-1].id if rows else after,
+    )
+
+
+@router.get("/{job_id}/logs", response_model=LogsPublic)
+def get_logs(
+    job_id: JobId,
+    session: ReadSessionDep,
+    owner: OwnerDep,
+    attempt: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+    rank: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> LogsPublic:
+    """The ranks' log lines with id > ``after``, in order (per rank, in the order written);
+    pass ``next_after`` back to follow. ``dropped`` counts lines the per-job cap removed."""
+    visible_job(session, owner, job_id)
+    rows = job_logs.list_lines(
+        session, job_id, after=after, limit=limit, attempt=attempt, rank=rank
+    )
+    return LogsPublic(
+        items=[
+            LogLinePublic(
+                id=r.id,
+                attempt=r.attempt,
+                rank=r.rank,
+                time=r.time,
+                stream=r.stream,
+                level=r.level,
+                text=r.text,
+            )
+            for r in rows
+        ],
+        next_after=rows[-1].id if rows else after,
+        dropped=job_logs.dropped(session, job_id),
     )
 
 

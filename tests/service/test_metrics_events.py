@@ -154,3 +154,14 @@ def test_events_resume_after_and_drop_replayed_keys(client, alice, running):
     assert ids == sorted(ids)
     empty = client.get(url, params={"after": rest["next_after"]}, headers=alice).json()
     assert empty == {"items": [], "next_after": rest["next_after"]}
+
+
+def test_events_of_one_type(client, alice, running):
+    job_id, post = running
+    events = [{"type": "environment", "data": {"rank": r}, "key": f"environment:1:{r}"}
+              for r in (0, 1)] + [{"type": "epoch_done", "message": "epoch 1"}]  # fmt: skip
+    assert post("events", events=events).json()["inserted"] == 3
+    page = client.get(f"/v1/jobs/{job_id}/events?type=environment", headers=alice).json()
+    assert [e["data"]["rank"] for e in page["items"]] == [0, 1]
+    every = client.get(f"/v1/jobs/{job_id}/events", headers=alice).json()["items"]
+    assert {"claimed", "environment", "epoch_done"} <= {e["type"] for e in every}

@@ -44,6 +44,14 @@ def fake_api(monkeypatch):
         if path == "/v1/jobs/4/metrics":
             points = [{"step": s, "value": 1.0 / s, "epoch": 1, "time": "t"} for s in (1, 2)]
             return httpx.Response(200, json={"job_id": 4, "series": {"train/loss": points}})
+        if path == "/v1/jobs/4/events":
+            assert request.url.params["type"] == "environment"
+            after = int(request.url.params["after"])
+            items = [{"id": 9, "time": "t", "type": "environment", "message": "",
+                      "data": {"attempt": 1, "rank": r, "host": f"node-{r}", "python": "3.11.7",
+                               "torch": "2.13.0", "ray": "2.60.0", "gpu": None, "gpus": 0}}
+                     for r in (1, 0)] if after == 0 else []  # fmt: skip
+            return httpx.Response(200, json={"items": items, "next_after": 9})
         if path == "/v1/jobs/4/cancel":
             return httpx.Response(409, json={"detail": "job 4 has already finished", "code": "job_finished"})  # fmt: skip
         return httpx.Response(
@@ -75,7 +83,11 @@ def test_list_status_metrics(fake_api, capsys):
     out = capsys.readouterr().out
     assert "demo" in out and "epoch 2/3" in out
     assert main(["status", "4"]) == 0
-    assert "train/loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train/loss" in out
+    # The run environment of the latest attempt: versions, and the host of every rank.
+    assert "(attempt 1) python 3.11.7, torch 2.13.0, ray 2.60.0; no GPU" in out
+    assert "hosts     0:node-0, 1:node-1" in out
     assert main(["metrics", "4", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "name,step,epoch,value", "train/loss,1,1,1.0", "train/loss,2,1,0.5",

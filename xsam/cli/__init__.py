@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("jobs_cmd", "follow a job with a live progress bar until it ends"),
     "metrics": ("jobs_cmd", "print a job's metrics (table or --csv)"),
     "cancel": ("jobs_cmd", "cancel a job"),
+    "export": ("export_cmd", "export a job's or a study's series to TensorBoard or CSV"),
+    "logs": ("logs_cmd", "print a job's log lines (every rank's output); -f follows it"),
     "study": ("study_cmd", "studies (arms × grid × seeds): submit, list, status, compare, cancel"),
     "token": ("token_cmd", "create API tokens"),
 }

@@ -169,7 +169,36 @@ def status(api, args: argparse.Namespace) -> int:
         print(f"  {name:28} {point['value']:.6g}  (step {point['step']})")
     if job.get("error"):
         print(f"  error     {job['error']['type']}: {job['error']['message']}")
+    for line in environment_lines(api, job):
+        print(f"  {line}")
     return 0
+
+
+def environment_lines(api, job: dict[str, Any]) -> list[str]:
+    """The latest attempt's run environment (its ``environment`` events), as text."""
+    envs: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = api.events(job["id"], after=after, limit=1000, type="environment")
+        envs += [e["data"] for e in page["items"] if e.get("data")]
+        if not page["items"]:
+            break
+        after = page["next_after"]
+    if not envs:
+        return []
+    attempt = max(e.get("attempt") or 0 for e in envs)
+    ranks = sorted((e for e in envs if (e.get("attempt") or 0) == attempt),
+                   key=lambda e: e.get("rank") or 0)  # fmt: skip
+    first = ranks[0]
+    versions = ", ".join(
+        f"{label} {first[key]}"
+        for label, key in (("xsam", "xsam"), ("git", "git"), ("python", "python"),
+                           ("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"), ("ray", "ray"))
+        if first.get(key)
+    )  # fmt: skip
+    gpus = f"{first['gpus']}× {first['gpu']}" if first.get("gpu") else "no GPU"
+    hosts = ", ".join(f"{e.get('rank')}:{e.get('host')}" for e in ranks)
+    return [f"run env   (attempt {attempt}) {versions}; {gpus}", f"hosts     {hosts}"]
 
 
 def watch(api, args: argparse.Namespace) -> int:
