@@ -9,7 +9,8 @@ bash scripts/setup.sh
 if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } \
     && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing chromium and chromium-driver for the browser tests" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        chromium chromium-driver >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver >/dev/null; } \
+        || echo "could not install them: the browser tests will skip (or fail under CI)" >&2
 fi
 exec .venv/bin/python -m pytest -m "not gpu" "$@"
