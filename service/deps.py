@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import Principal, Role, authenticate
+from service.auth import Principal, Role, TokenCache, authenticate, hash_secret
 from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy
@@ -27,6 +27,7 @@ class AppState:
     reader: sessionmaker[Session]
     policy: LeasePolicy
     instruments: Instruments
+    tokens: TokenCache = field(default_factory=TokenCache)
 
 
 def get_state(request: Request) -> AppState:
@@ -70,6 +71,10 @@ def get_principal(request: Request, state: StateDep) -> Principal:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated()
+    digest = hash_secret(secret.strip())
+    cached = state.tokens.get(digest)
+    if cached is not None:
+        return cached
     admin, agent = state.settings.admin_token, state.settings.agent_token
     with state.reader() as session:
         principal = authenticate(
@@ -80,6 +85,7 @@ def get_principal(request: Request, state: StateDep) -> Principal:
         )
     if principal is None:
         raise Unauthenticated("unknown or revoked token")
+    state.tokens.put(digest, principal)
     return principal
 
 

@@ -1,10 +1,11 @@
-"""Metric series: idempotent ingest, the latest values, and downsampling done in SQL.
+"""Metric series: idempotent bulk ingest, the latest values, and downsampled queries.
 
-A series is the points of one (job, name), keyed by step. A query for more points than
-``max_points`` is answered with at most ``max_points`` buckets of equal step width, each keeping
-min, max, mean, count and its last point, computed by a GROUP BY over the (job_id, name, step)
-primary-key index: a series is never loaded whole into memory, and a one-step spike survives in
-its bucket's ``max``.
+A series is the points of one (job, name), keyed by step. Ingest inserts a batch in one
+statement and folds the points that were new into the rollups (service/metric_rollups.py) in
+a second, in the caller's transaction. A query for more points than ``max_points`` is answered
+from the rollups with at most ``max_points`` buckets, each keeping min, max, mean, count and
+its last point: its cost depends on max_points, not on the series' length, and a one-step
+spike survives in its bucket's ``max``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, literal_column, select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
-from service.db.models import Metric
+from service import metric_rollups
+from service.db.models import Metric, MetricRollup
 from service.events import dialect_insert
 
 #: Rows per INSERT: well under SQLite's bound-parameter limit.
@@ -25,7 +27,7 @@ _CHUNK = 1000
 def ingest(session: Session, job_id: int, points: list[dict[str, Any]], *, now: datetime) -> int:
     """Insert `points` ({name, step, value, epoch?, time?}); a point already stored is ignored.
 
-    Returns how many points were new.
+    The new points are rolled up in the same transaction. Returns how many points were new.
     """
     # The last occurrence of a (name, step) within one batch wins, as a replay would.
     rows = {
@@ -41,23 +43,31 @@ def ingest(session: Session, job_id: int, points: list[dict[str, Any]], *, now: 
     }
     values = list(rows.values())
     if session.get_bind().dialect.name == "postgresql":
-        return _ingest_postgresql(session, job_id, values)
+        new_keys = _insert_postgresql(session, job_id, values)
+    else:
+        new_keys = _insert_sqlite(session, values)
+    new = [rows[key] for key in new_keys]
+    metric_rollups.record(session, job_id, new)
+    return len(new)
+
+
+def _insert_sqlite(session: Session, values: list[dict[str, Any]]) -> list[tuple[str, int]]:
     stmt = (
         dialect_insert(session, Metric.__table__)
         .on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
         # rowcount is not reliable for batched inserts on every driver; RETURNING is.
-        .returning(Metric.__table__.c.step)
+        .returning(Metric.__table__.c.name, Metric.__table__.c.step)
     )
     # Core executemany: SQLAlchemy batches it into multi-row INSERTs ("insertmanyvalues")
     # with one compiled statement, far cheaper than compiling a VALUES list per batch.
     connection = session.connection()
-    inserted = 0
+    new: list[tuple[str, int]] = []
     for start in range(0, len(values), _CHUNK):
-        inserted += len(connection.execute(stmt, values[start : start + _CHUNK]).all())
-    return inserted
+        new.extend(tuple(r) for r in connection.execute(stmt, values[start : start + _CHUNK]))
+    return new
 
 
-# Six array parameters instead of six per row: no per-row parameter parsing, one plan.
+# Five array parameters instead of five per row: no per-row parameter parsing, one plan.
 _PG_INGEST = text(
     """
     INSERT INTO metrics (job_id, name, step, value, epoch, time)
@@ -66,7 +76,7 @@ _PG_INGEST = text(
         CAST(:epochs AS integer[]), CAST(:times AS timestamp[])
     ) AS p
     ON CONFLICT (job_id, name, step) DO NOTHING
-    RETURNING step
+    RETURNING name, step
     """
 )
 
@@ -75,7 +85,9 @@ def _naive_utc(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
-def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]) -> int:
+def _insert_postgresql(
+    session: Session, job_id: int, rows: list[dict[str, Any]]
+) -> list[tuple[str, int]]:
     result = session.execute(
         _PG_INGEST,
         {
@@ -87,30 +99,26 @@ def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]
             "times": [_naive_utc(r["time"]) for r in rows],
         },
     )
-    return len(result.all())
+    return [(name, int(step)) for name, step in result]
+
+
+_R = MetricRollup.__table__.c
+#: The latest point of every series of some jobs: their series rows (level 0), kept at ingest.
+_LATEST = select(
+    _R.job_id, _R.name, _R.last_step, _R.last_value, _R.last_epoch, _R.last_time
+).where(
+    _R.job_id.in_(bindparam("job_ids", expanding=True)),
+    _R.level == metric_rollups.SERIES_LEVEL,
+)
 
 
 def latest(session: Session, job_ids: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
     """{job_id: {name: point}} with the newest (highest-step) point of every series."""
     if not job_ids:
         return {}
-    newest = (
-        select(Metric.job_id, Metric.name, func.max(Metric.step).label("step"))
-        .where(Metric.job_id.in_(job_ids))
-        .group_by(Metric.job_id, Metric.name)
-        .subquery()
-    )
-    stmt = select(Metric).join(
-        newest,
-        and_(
-            Metric.job_id == newest.c.job_id,
-            Metric.name == newest.c.name,
-            Metric.step == newest.c.step,
-        ),
-    )
     out: dict[int, dict[str, dict[str, Any]]] = {j: {} for j in job_ids}
-    for m in session.scalars(stmt):
-        out[m.job_id][m.name] = _point(m.step, m.value, m.epoch, m.time)
+    for job_id, name, step, value, epoch, time in session.execute(_LATEST, {"job_ids": job_ids}):
+        out[job_id][name] = _point(step, value, epoch, time)
     return out
 
 
@@ -127,94 +135,34 @@ def query(
     until_step: int | None = None,
     max_points: int = 1000,
 ) -> dict[str, list[dict[str, Any]]]:
-    """{name: points} in step order; series longer than `max_points` come back as buckets."""
-    bounds = [Metric.job_id == job_id]
-    if names:
-        bounds.append(Metric.name.in_(names))
-    if since_step is not None:
-        bounds.append(Metric.step >= since_step)
-    if until_step is not None:
-        bounds.append(Metric.step <= until_step)
-    sizes = session.execute(
-        select(Metric.name, func.count(), func.min(Metric.step), func.max(Metric.step))
-        .where(*bounds)
-        .group_by(Metric.name)
-        .order_by(Metric.name)
-    ).all()
+    """{name: points} in step order; series longer than `max_points` come back as buckets.
+
+    A series with no point in the range is left out.
+    """
+    wanted = set(names) if names else None
     series: dict[str, list[dict[str, Any]]] = {}
-    for name, count, lo, hi in sizes:
-        where = [*bounds, Metric.name == name]
-        if count <= max_points:
-            rows = session.execute(
-                select(Metric.step, Metric.value, Metric.epoch, Metric.time)
-                .where(*where)
-                .order_by(Metric.job_id, Metric.name, Metric.step)
-            )
-            series[name] = [_point(*row) for row in rows]
+    for row in session.execute(metric_rollups.SERIES, {"job_id": job_id}).all():
+        name = row.name
+        if wanted is not None and name not in wanted:
+            continue
+        whole = metric_rollups.summary_of(row)
+        lo = whole.first_step if since_step is None else max(whole.first_step, since_step)
+        hi = whole.last_step if until_step is None else min(whole.last_step, until_step)
+        if lo > hi:
+            continue
+        whole_range = lo == whole.first_step and hi == whole.last_step
+        if whole_range and whole.count <= max_points:
+            points = _raw(session, job_id, name, lo, hi)
         else:
-            series[name] = _buckets(session, job_id, name, where, int(lo), int(hi), max_points)
+            buckets = metric_rollups.buckets(session, job_id, name, lo, hi, max_points)
+            if sum(b.count for b in buckets) <= max_points:  # a sparse range: its points
+                points = _raw(session, job_id, name, lo, hi)
+            else:
+                points = [b.bucket_point() for b in buckets]
+        if points:
+            series[name] = points
     return series
 
 
-def _buckets(
-    session: Session, job_id: int, name: str, where: list[Any], lo: int, hi: int, n: int
-) -> list[dict[str, Any]]:
-    # Bucket b holds steps with (step - lo) * n // span == b: at most n buckets of equal width.
-    # Integers inlined (not bound) so PostgreSQL sees the same expression in SELECT and GROUP BY.
-    lo_, n_, span = (literal_column(str(int(v))) for v in (lo, n, hi - lo + 1))
-    # Plain "/" on integers is integer division on both backends (SQLAlchemy's "//" would wrap
-    # it in FLOOR(), a float, on PostgreSQL).
-    bucket = ((Metric.step - lo_) * n_).op("/")(span).label("bucket")
-    if session.get_bind().dialect.name == "postgresql":
-        # At most n groups: hashing them is always right, but a planner with stale statistics
-        # (a freshly ingested series) would sort the whole series instead. The penalty that
-        # setting adds to the final 1000-row sort would make the plan look costly enough to
-        # JIT-compile, which takes longer than the query itself: no JIT either.
-        session.execute(text("SET LOCAL enable_sort = off"))
-        session.execute(text("SET LOCAL jit = off"))
-    agg = (
-        select(
-            bucket,
-            func.min(Metric.value).label("min"),
-            func.max(Metric.value).label("max"),
-            func.avg(Metric.value).label("mean"),
-            func.count().label("count"),
-            func.min(Metric.step).label("step_min"),
-            func.max(Metric.step).label("step_max"),
-        )
-        .where(*where)
-        .group_by(bucket)
-        .subquery()
-    )
-    # The bucket's last point is a primary-key lookup per bucket (correlated scalar subqueries,
-    # so no planner, however stale its statistics, can turn this into a join over the series).
-    last = Metric.__table__.alias("last")
-
-    def at_last(column: Any) -> Any:
-        return (
-            select(column)
-            .where(last.c.job_id == job_id, last.c.name == name, last.c.step == agg.c.step_max)
-            .scalar_subquery()
-        )
-
-    stmt = select(
-        agg,
-        at_last(last.c.value).label("value"),
-        at_last(last.c.epoch).label("epoch"),
-        at_last(last.c.time).label("time"),
-    ).order_by(agg.c.step_max)
-    return [
-        {
-            "step": int(r.step_max),
-            "value": float(r.value),
-            "epoch": r.epoch,
-            "time": r.time,
-            "min": float(r.min),
-            "max": float(r.max),
-            "mean": float(r.mean),
-            "count": int(r.count),
-            "step_min": int(r.step_min),
-            "step_max": int(r.step_max),
-        }
-        for r in session.execute(stmt)
-    ]
+def _raw(session: Session, job_id: int, name: str, lo: int, hi: int) -> list[dict[str, Any]]:
+    return [_point(*row) for row in metric_rollups.raw_points(session, job_id, name, lo, hi)]

@@ -1,0 +1,319 @@
+"""Metric rollups: summaries of every series at bucket widths growing by 8, kept at ingest.
+
+Level 0 has one row per series (all its points: the count, the step range and the latest
+point). Level L (1..8) has a row per non-empty bucket of ``8**L`` steps, bucket
+``step >> 3L``: count, sum, min, max, first and last step, and the last point (value, epoch,
+time). Rows are updated in the ingest transaction from the points that were new (a replayed
+point is not counted twice), by an upsert whose merge is commutative, so batches may arrive in
+any order.
+
+A query over [lo, hi] picks the coarsest level that still has at least ``max_points`` buckets
+in the range, reads those rows (between max_points and 8 × max_points of them, whatever the
+series length) and merges consecutive ones into at most max_points answer buckets (`plan`),
+aligned to the level's grid, so the widths of two answer buckets differ by at most one level
+bucket. The answer equals a scan
+of the raw points over the same bucket edges (`bucket_edges`); only a bucket cut by
+``since_step``/``until_step`` is summarised from raw points, and only for the cut part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.orm import Session
+
+from service.db.models import Metric, MetricRollup
+
+#: Each level's buckets are 2**LEVEL_BITS times wider than the one below.
+LEVEL_BITS = 3
+#: Levels 1..LEVELS: buckets of 8 to 8**8 (16.8 M) steps.
+LEVELS = 8
+#: The level holding one row per series.
+SERIES_LEVEL = 0
+
+_COLUMNS = (
+    "job_id", "level", "name", "bucket", "count", "sum", "min", "max",
+    "first_step", "last_step", "last_value", "last_epoch", "last_time",
+)  # fmt: skip
+
+
+@dataclass
+class Summary:
+    """Aggregates of a set of points of one series."""
+
+    count: int
+    sum: float
+    min: float
+    max: float
+    first_step: int
+    last_step: int
+    last_value: float
+    last_epoch: int | None
+    last_time: datetime | None
+
+    def merge(self, other: Summary) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.first_step = min(self.first_step, other.first_step)
+        if other.last_step > self.last_step:
+            self.last_step = other.last_step
+            self.last_value = other.last_value
+            self.last_epoch = other.last_epoch
+            self.last_time = other.last_time
+
+    def copy(self) -> Summary:
+        return Summary(**self.__dict__)
+
+    def bucket_point(self) -> dict[str, Any]:
+        """The answer's form of a bucket (as GET /v1/jobs/{id}/metrics returns it)."""
+        return {
+            "step": self.last_step,
+            "value": self.last_value,
+            "epoch": self.last_epoch,
+            "time": self.last_time,
+            "min": self.min,
+            "max": self.max,
+            "mean": self.sum / self.count,
+            "count": self.count,
+            "step_min": self.first_step,
+            "step_max": self.last_step,
+        }
+
+
+def rollup_rows(job_id: int, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rollup rows (every level) that `points` — each new to the series — contribute."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_name.setdefault(p["name"], []).append(p)
+    rows: list[dict[str, Any]] = []
+    for name, series in sorted(by_name.items()):
+        series.sort(key=lambda p: p["step"])
+        # Level 1 from the points, each next level from the one below (8 × fewer rows each).
+        level: dict[int, Summary] = {}
+        for p in series:
+            b = p["step"] >> LEVEL_BITS
+            s = level.get(b)
+            v = p["value"]
+            if s is None:
+                level[b] = Summary(1, v, v, v, p["step"], p["step"], v, p["epoch"], p["time"])
+            else:  # points come in step order: this one is the bucket's last so far
+                s.count += 1
+                s.sum += v
+                s.min = min(s.min, v)
+                s.max = max(s.max, v)
+                s.last_step, s.last_value = p["step"], v
+                s.last_epoch, s.last_time = p["epoch"], p["time"]
+        for lvl in range(1, LEVELS + 1):
+            rows.extend(_row(job_id, lvl, name, b, s) for b, s in level.items())
+            upper: dict[int, Summary] = {}
+            for b, s in level.items():
+                if b >> LEVEL_BITS in upper:
+                    upper[b >> LEVEL_BITS].merge(s)
+                else:
+                    upper[b >> LEVEL_BITS] = s.copy()
+            level = upper
+        whole = None
+        for s in level.values():
+            whole = s.copy() if whole is None else (whole.merge(s) or whole)
+        if whole is not None:
+            rows.append(_row(job_id, SERIES_LEVEL, name, 0, whole))
+    return rows
+
+
+def _row(job_id: int, level: int, name: str, bucket: int, s: Summary) -> dict[str, Any]:
+    return {"job_id": job_id, "level": level, "name": name, "bucket": bucket, **s.__dict__}
+
+
+def _upsert_sql(dialect: str) -> str:
+    least, greatest = ("least", "greatest") if dialect == "postgresql" else ("min", "max")
+    t = "metric_rollups"
+    newer = f"excluded.last_step > {t}.last_step"
+    sets = ", ".join(
+        [
+            f"count = {t}.count + excluded.count",
+            f"sum = {t}.sum + excluded.sum",
+            f"min = {least}({t}.min, excluded.min)",
+            f"max = {greatest}({t}.max, excluded.max)",
+            f"first_step = {least}({t}.first_step, excluded.first_step)",
+            f"last_step = {greatest}({t}.last_step, excluded.last_step)",
+        ]
+        + [
+            f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {t}.{c} END"
+            for c in ("last_value", "last_epoch", "last_time")
+        ]
+    )
+    if dialect == "postgresql":
+        # One statement per batch whatever its size: the rows travel as 12 arrays.
+        source = (
+            "SELECT :job_id, r.* FROM unnest("
+            "CAST(:level AS smallint[]), CAST(:name AS varchar[]), CAST(:bucket AS bigint[]), "
+            "CAST(:count AS bigint[]), CAST(:sum AS float8[]), CAST(:min AS float8[]), "
+            "CAST(:max AS float8[]), CAST(:first_step AS bigint[]), "
+            "CAST(:last_step AS bigint[]), CAST(:last_value AS float8[]), "
+            "CAST(:last_epoch AS integer[]), CAST(:last_time AS timestamp[])) AS r"
+        )
+    else:
+        source = "VALUES (" + ", ".join(f":{c}" for c in _COLUMNS) + ")"
+    # Rows are sent in key order, so two transactions upserting the same rows cannot deadlock.
+    return (
+        f"INSERT INTO {t} ({', '.join(_COLUMNS)}) {source} "
+        f"ON CONFLICT (job_id, level, name, bucket) DO UPDATE SET {sets}"
+    )
+
+
+_UPSERT = {d: text(_upsert_sql(d)) for d in ("postgresql", "sqlite")}
+
+
+def record(session: Session, job_id: int, new_points: list[dict[str, Any]]) -> None:
+    """Fold `new_points` (points just inserted, none a replay) into the rollups: one statement."""
+    if not new_points:
+        return
+    rows = rollup_rows(job_id, new_points)
+    rows.sort(key=lambda r: (r["level"], r["name"], r["bucket"]))
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        arrays: dict[str, Any] = {c: [r[c] for r in rows] for c in _COLUMNS if c != "job_id"}
+        arrays["last_time"] = [_naive_utc(t) for t in arrays["last_time"]]
+        session.execute(_UPSERT[dialect], {"job_id": job_id, **arrays})
+    else:
+        for r in rows:
+            r["last_time"] = _naive_utc(r["last_time"])
+        session.execute(_UPSERT["sqlite"], rows)  # executemany: one prepared statement
+
+
+def _naive_utc(t: datetime) -> datetime:
+    from datetime import UTC
+
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+_R = MetricRollup.__table__.c
+_M = Metric.__table__.c
+_SUMMARY_COLUMNS = (
+    _R.count, _R.sum, _R.min, _R.max, _R.first_step, _R.last_step, _R.last_value, _R.last_epoch,
+    _R.last_time,
+)  # fmt: skip
+
+#: The series rows of one job (all names): their sizes, step ranges and latest points.
+SERIES = (
+    select(_R.name, *_SUMMARY_COLUMNS)
+    .where(_R.job_id == bindparam("job_id"), _R.level == SERIES_LEVEL)
+    .order_by(_R.name)
+)
+_LEVEL_ROWS = (
+    select(_R.bucket, *_SUMMARY_COLUMNS)
+    .where(
+        _R.job_id == bindparam("job_id"),
+        _R.level == bindparam("level"),
+        _R.name == bindparam("name"),
+        _R.bucket.between(bindparam("b0"), bindparam("b1")),
+    )
+    .order_by(_R.bucket)
+)
+_RAW = (
+    select(_M.step, _M.value, _M.epoch, _M.time)
+    .where(
+        _M.job_id == bindparam("job_id"),
+        _M.name == bindparam("name"),
+        _M.step.between(bindparam("lo"), bindparam("hi")),
+    )
+    .order_by(_M.step)
+)
+
+
+def summary_of(row: Any) -> Summary:
+    return Summary(
+        int(row.count), float(row.sum), float(row.min), float(row.max), int(row.first_step),
+        int(row.last_step), float(row.last_value), row.last_epoch, row.last_time,
+    )  # fmt: skip
+
+
+def plan(lo: int, hi: int, max_points: int) -> tuple[int, int, int]:
+    """(level, n, m): answer [lo, hi] from the `n` buckets of `level` spread over `m` buckets.
+
+    The level is the coarsest with at least `max_points` buckets over the range (level 0: raw
+    steps, when even level 1 has fewer). Level bucket i (counted from the range's first) goes
+    to answer bucket ``i * m // n``: m = min(n, max_points) answer buckets, each of
+    ``n // m`` or ``n // m + 1`` level buckets.
+    """
+    level = 0
+    for candidate in range(LEVELS, 0, -1):
+        shift = LEVEL_BITS * candidate
+        if (hi >> shift) - (lo >> shift) + 1 >= max_points:
+            level = candidate
+            break
+    shift = LEVEL_BITS * level
+    n = (hi >> shift) - (lo >> shift) + 1
+    return level, n, min(n, max_points)
+
+
+def bucket_edges(lo: int, hi: int, max_points: int) -> list[tuple[int, int]]:
+    """The answer buckets' step ranges [start, end] over [lo, hi], in order (empty ones too)."""
+    level, n, m = plan(lo, hi, max_points)
+    shift = LEVEL_BITS * level
+    b0 = lo >> shift
+    first = [-(-j * n // m) for j in range(m + 1)]  # the first level bucket of answer bucket j
+    return [
+        (max(lo, (b0 + first[j]) << shift), min(hi, ((b0 + first[j + 1]) << shift) - 1))
+        for j in range(m)
+    ]
+
+
+def raw_points(session: Session, job_id: int, name: str, lo: int, hi: int) -> list[Any]:
+    return list(session.execute(_RAW, {"job_id": job_id, "name": name, "lo": lo, "hi": hi}))
+
+
+def _raw_summary(session: Session, job_id: int, name: str, lo: int, hi: int) -> Summary | None:
+    total = None
+    for step, value, epoch, time in raw_points(session, job_id, name, lo, hi):
+        s = Summary(1, value, value, value, step, step, value, epoch, time)
+        if total is None:
+            total = s
+        else:
+            total.merge(s)
+    return total
+
+
+def buckets(
+    session: Session, job_id: int, name: str, lo: int, hi: int, max_points: int
+) -> list[Summary]:
+    """Summaries of the non-empty buckets of `bucket_edges(lo, hi, max_points)`, in order."""
+    level, n, m = plan(lo, hi, max_points)
+    shift = LEVEL_BITS * level
+    b0, b1 = lo >> shift, hi >> shift
+    out: dict[int, Summary] = {}
+
+    def add(j: int, s: Summary) -> None:
+        if j in out:
+            out[j].merge(s)
+        else:
+            out[j] = s
+
+    if level == 0:
+        for step, value, epoch, time in raw_points(session, job_id, name, lo, hi):
+            add((step - lo) * m // n, Summary(1, value, value, value, step, step, value, epoch, time))
+        return [out[j] for j in sorted(out)]
+    rows = session.execute(
+        _LEVEL_ROWS, {"job_id": job_id, "level": level, "name": name, "b0": b0, "b1": b1}
+    )
+    for row in rows:
+        s = summary_of(row)
+        b = int(row.bucket)
+        # A bucket cut by the range's ends holds points outside it: summarise the inside part
+        # from raw points (at most one level bucket's worth at each end).
+        if s.first_step < lo or s.last_step > hi:
+            cut = _raw_summary(
+                session, job_id, name, max(lo, b << shift), min(hi, ((b + 1) << shift) - 1)
+            )
+            if cut is None:
+                continue
+            s = cut
+        add((b - b0) * m // n, s)
+    return [out[j] for j in sorted(out)]
