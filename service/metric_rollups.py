@@ -298,7 +298,10 @@ def buckets(
 
     if level == 0:
         for step, value, epoch, time in raw_points(session, job_id, name, lo, hi):
-            add((step - lo) * m // n, Summary(1, value, value, value, step, step, value, epoch, time))
+            add(
+                (step - lo) * m // n,
+                Summary(1, value, value, value, step, step, value, epoch, time),
+            )
         return [out[j] for j in sorted(out)]
     rows = session.execute(
         _LEVEL_ROWS, {"job_id": job_id, "level": level, "name": name, "b0": b0, "b1": b1}
