@@ -39,9 +39,9 @@ def make_engine(
 ) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and immediate write transactions."""
     if not is_sqlite(url):
-        return create_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-        )
+        # No pre-ping: it is a round trip per request. A connection the server dropped fails
+        # one request (503), and SQLAlchemy then discards the pool's older connections.
+        return create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=600)
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -102,11 +102,17 @@ def _release(info: dict) -> None:
 
 
 def make_sessionmakers(engine: Engine) -> tuple[sessionmaker[Session], sessionmaker[Session]]:
-    """(writer, reader) session factories; on SQLite the reader begins DEFERRED."""
+    """(writer, reader) session factories; on SQLite the reader begins DEFERRED.
+
+    On PostgreSQL the reader runs in autocommit: no BEGIN/ROLLBACK round trips around a read
+    (each statement sees its own snapshot, which reads that never write can afford).
+    """
     writer = sessionmaker(engine, expire_on_commit=False)
-    reader = sessionmaker(
-        engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"}), expire_on_commit=False
-    )
+    if engine.dialect.name == "postgresql":
+        read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    else:
+        read_engine = engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
+    reader = sessionmaker(read_engine, expire_on_commit=False)
     return writer, reader
 
 
