@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal, Role, TokenCache, authenticate, hash_secret
 from service.errors import PermissionDenied, Unauthenticated
@@ -30,14 +31,18 @@ class AppState:
     tokens: TokenCache = field(default_factory=TokenCache)
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies that do not block are `async def`: FastAPI runs a plain `def` dependency in a
+# worker thread, and those hops cost more than a cached get-job itself.
+
+
+async def get_state(request: Request) -> AppState:
     return request.app.state.xsam
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings_dep(state: StateDep) -> Settings:
+async def get_settings_dep(state: StateDep) -> Settings:
     return state.settings
 
 
@@ -55,8 +60,13 @@ def get_session(state: StateDep) -> Iterator[Session]:
         yield session
 
 
-def get_read_session(state: StateDep) -> Iterator[Session]:
-    """A reading session (on SQLite it never takes the write lock)."""
+async def get_read_session(state: StateDep) -> AsyncIterator[Session]:
+    """A reading session (on SQLite it never takes the write lock).
+
+    Opening one does no I/O (the connection is taken on first use, in the handler's thread);
+    closing it hands the connection back, which on PostgreSQL's autocommit reader sends nothing
+    and on SQLite ends a read transaction in memory.
+    """
     with state.reader() as session:
         yield session
         session.rollback()
@@ -66,7 +76,7 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
-def get_principal(request: Request, state: StateDep) -> Principal:
+async def get_principal(request: Request, state: StateDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -75,31 +85,35 @@ def get_principal(request: Request, state: StateDep) -> Principal:
     cached = state.tokens.get(digest)
     if cached is not None:
         return cached
-    admin, agent = state.settings.admin_token, state.settings.agent_token
-    with state.reader() as session:
-        principal = authenticate(
-            session,
-            secret.strip(),
-            admin_secret=admin.get_secret_value() if admin else None,
-            agent_secret=agent.get_secret_value() if agent else None,
-        )
+    principal = await run_in_threadpool(_look_up, state, secret.strip())
     if principal is None:
         raise Unauthenticated("unknown or revoked token")
     state.tokens.put(digest, principal)
     return principal
 
 
+def _look_up(state: AppState, secret: str) -> Principal | None:
+    admin, agent = state.settings.admin_token, state.settings.agent_token
+    with state.reader() as session:
+        return authenticate(
+            session,
+            secret,
+            admin_secret=admin.get_secret_value() if admin else None,
+            agent_secret=agent.get_secret_value() if agent else None,
+        )
+
+
 #: Any valid token; jobs it submits are owned by its name, and it sees only those (admins: all).
 OwnerDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_agent(principal: OwnerDep) -> Principal:
+async def get_agent(principal: OwnerDep) -> Principal:
     if principal.role not in (Role.AGENT, Role.ADMIN):
         raise PermissionDenied("only agent or admin tokens may call /v1/agent")
     return principal
 
 
-def get_admin(principal: OwnerDep) -> Principal:
+async def get_admin(principal: OwnerDep) -> Principal:
     if principal.role is not Role.ADMIN:
         raise PermissionDenied("only admin tokens may manage tokens")
     return principal

@@ -265,24 +265,31 @@ def _raw_summary(session: Session, job_id: int, name: str, lo: int, hi: int) -> 
     return total
 
 
+def _at_last(column: str) -> str:
+    # A primary-key lookup per answer bucket, as a correlated scalar subquery rather than a
+    # join: a planner with stale statistics (a series just ingested) turned the join into a
+    # nested loop rescanning the level for every bucket (340 ms instead of 2).
+    return (
+        f"(SELECT r.{column} FROM metric_rollups AS r WHERE r.job_id = :job_id"
+        f" AND r.level = :level AND r.name = :name AND r.bucket = g.last_step / :width)"
+    )
+
+
 #: One level's rows over [b0, b1] merged into answer buckets in SQL (GROUP BY the answer bucket
-#: j; its last point is the level row holding its last step, a primary-key lookup), leaving out
-#: rows cut by the range's ends: at most max_points rows come back, not up to 8 times as many.
+#: j; its last point from the level row holding its last step), leaving out rows cut by the
+#: range's ends: at most max_points rows come back, not up to 8 times as many.
 _MERGE = (
     text(
-        """
+        f"""
         SELECT g.j, g.count, g.sum, g.min, g.max, g.first_step, g.last_step,
-               r.last_value, r.last_epoch, r.last_time
-        FROM (SELECT (bucket - :b0) * :m / :n AS j, CAST(sum(count) AS BIGINT) AS count, sum(sum) AS sum,
-                     min(min) AS min, max(max) AS max, min(first_step) AS first_step,
-                     max(last_step) AS last_step
+               {_at_last("last_value")}, {_at_last("last_epoch")}, {_at_last("last_time")}
+        FROM (SELECT (bucket - :b0) * :m / :n AS j, CAST(sum(count) AS BIGINT) AS count,
+                     sum(sum) AS sum, min(min) AS min, max(max) AS max,
+                     min(first_step) AS first_step, max(last_step) AS last_step
               FROM metric_rollups
               WHERE job_id = :job_id AND level = :level AND name = :name
                 AND bucket BETWEEN :first AND :last
               GROUP BY 1) AS g
-        JOIN metric_rollups AS r
-          ON r.job_id = :job_id AND r.level = :level AND r.name = :name
-         AND r.bucket = g.last_step / :width
         ORDER BY g.j
         """
     )
