@@ -77,18 +77,31 @@ _PG_INGEST = text(
         ) AS p
         ON CONFLICT (job_id, name, step) DO NOTHING
         RETURNING name, step, value, epoch, time
+    ), level1 AS (
+        -- Level 1 from the points, then every level from level 1's rows (8 x fewer than the
+        -- points): the statement aggregates ~1.1 rows per point, not one per point and level.
+        SELECT name, step >> {metric_rollups.LEVEL_BITS} AS bucket, count(*) AS count,
+               sum(value) AS sum, min(value) AS min, max(value) AS max,
+               min(step) AS first_step, max(step) AS last_step,
+               (array_agg(value ORDER BY step DESC))[1] AS last_value,
+               (array_agg(epoch ORDER BY step DESC))[1] AS last_epoch,
+               (array_agg(time ORDER BY step DESC))[1] AS last_time
+        FROM new GROUP BY name, step >> {metric_rollups.LEVEL_BITS}
     ), cells AS (
-        SELECT l.level, n.name,
+        SELECT l.level, c.name,
                CASE WHEN l.level = {metric_rollups.SERIES_LEVEL} THEN 0
-                    ELSE n.step >> ({metric_rollups.LEVEL_BITS} * l.level) END AS bucket,
-               n.step, n.value, n.epoch, n.time
-        FROM new AS n CROSS JOIN generate_series(0, {metric_rollups.LEVELS}) AS l(level)
+                    ELSE c.bucket >> ({metric_rollups.LEVEL_BITS} * (l.level - 1)) END AS bucket,
+               c.count, c.sum, c.min, c.max, c.first_step, c.last_step, c.last_value,
+               c.last_epoch, c.last_time
+        FROM level1 AS c CROSS JOIN generate_series(0, {metric_rollups.LEVELS}) AS l(level)
     ), rolled AS (
         INSERT INTO metric_rollups (job_id, level, name, bucket, count, sum, min, max,
                                     first_step, last_step, last_value, last_epoch, last_time)
-        SELECT :job_id, level, name, bucket, count(*), sum(value), min(value), max(value),
-               min(step), max(step), (array_agg(value ORDER BY step DESC))[1],
-               (array_agg(epoch ORDER BY step DESC))[1], (array_agg(time ORDER BY step DESC))[1]
+        SELECT :job_id, level, name, bucket, sum(count), sum(sum), min(min), max(max),
+               min(first_step), max(last_step),
+               (array_agg(last_value ORDER BY last_step DESC))[1],
+               (array_agg(last_epoch ORDER BY last_step DESC))[1],
+               (array_agg(last_time ORDER BY last_step DESC))[1]
         FROM cells
         GROUP BY level, name, bucket
         ORDER BY level, name, bucket  -- key order: concurrent batches cannot deadlock
