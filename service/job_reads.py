@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, literal, or_, select
+from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, noload
 
 from service import metric_series
@@ -58,9 +58,25 @@ def select_jobs(session: Session) -> Select[Any]:
     ).options(noload(Job.tag_rows))
 
 
-def jobs_public(session: Session, stmt: Select[Any]) -> list[JobPublic]:
+_BY_ID: dict[str, Select[Any]] = {}
+
+
+def job_by_id(session: Session, job_id: int) -> JobPublic | None:
+    """One job as `jobs_public` gives it; the statement is built once per dialect (a bound
+    parameter), so SQLAlchemy finds its compiled form without building the query again."""
+    dialect = session.get_bind().dialect.name
+    stmt = _BY_ID.get(dialect)
+    if stmt is None:
+        stmt = _BY_ID[dialect] = select_jobs(session).where(Job.id == bindparam("job_id"))
+    found = jobs_public(session, stmt, {"job_id": job_id})
+    return found[0] if found else None
+
+
+def jobs_public(
+    session: Session, stmt: Select[Any], params: dict[str, Any] | None = None
+) -> list[JobPublic]:
     """The jobs `stmt` (from `select_jobs`) selects, with their latest metrics: two queries."""
-    rows = session.execute(stmt).all()
+    rows = session.execute(stmt, params).all()
     latest = metric_series.latest(session, [job.id for job, _, _ in rows])
     out = []
     for job, position, tags in rows:

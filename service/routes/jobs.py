@@ -17,7 +17,7 @@ from service.auth import Principal
 from service.db.models import Job, JobTag
 from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
 from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
-from service.job_reads import jobs_public, select_jobs
+from service.job_reads import job_by_id, jobs_public, select_jobs
 from service.queue import JobStatus
 from service.schemas import (
     MAX_BIGINT,
@@ -133,10 +133,10 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
     """One job with its progress, latest metrics, error and queue position."""
-    found = jobs_public(session, select_jobs(session).where(Job.id == job_id))
-    if not found or (not owner.is_admin and found[0].owner != owner.name):
+    job = job_by_id(session, job_id)
+    if job is None or (not owner.is_admin and job.owner != owner.name):
         raise JobNotFound(f"job {job_id} not found")
-    return found[0]
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
