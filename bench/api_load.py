@@ -1,186 +1,148 @@
-"""API load: N concurrent clients submit jobs, poll them and query metrics over loopback.
+"""API load: `wrk` against `xsam serve`, for get-job, list, metrics query and /healthz.
 
-Starts `xsam serve --no-agent` (one uvicorn process) on a free port with a fresh data dir (and,
-for PostgreSQL, a fresh database), seeds one job with a 20 000-point series, then runs N client
-threads, each looping submit → get-job (one of its jobs) → metrics query of the seeded series
-(max_points=500) until the duration ends.
-Reports p50/p99 latency and requests/s per operation. Clients and server share this machine.
+Starts `xsam serve --no-agent --workers W` on a free loopback port with a fresh database,
+seeds it (a user, `--jobs` jobs of which some queued, some running, one with a 20 000-point
+series and a few latest metrics), then runs `wrk` (C, event-driven: the load generator costs far
+less than the server) for `--duration` seconds at `--connections` connections on each route in
+turn, all against the same server process. /healthz (no token, no database) is the ceiling of
+the HTTP stack on this machine; the ratio get-job ÷ /healthz says how much of it the read path
+keeps. Reports requests/s, p50 and p99 (wrk's latency distribution).
 
-    python bench/api_load.py                          # 64 clients, 20 s, both databases
-    python bench/api_load.py --clients 16 --duration 10 --db sqlite
+    python bench/api_load.py                              # 64 connections, 10 s each, both dbs
+    python bench/api_load.py --db postgres --workers 2 --duration 5
+
+wrk comes from Debian (`apt-get install wrk`); the script installs it when missing and root.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
-import socket
+import re
+import shutil
 import subprocess
 import sys
-import threading
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._databases import fresh_database, percentile  # noqa: E402
+from bench._databases import fresh_database
+from bench._server import ADMIN, start_server, stop_server
 
 CONFIG = {"model": {"name": "mlp"}, "data": {"name": "digits"}, "schedule": {"epochs": 2}}
-ADMIN = "bench-admin-token"
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def find_wrk() -> str:
+    """The wrk binary, installed from Debian's archive when missing (as root)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True)
+        found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk not found: install it with `apt-get install wrk`")
+    return found
 
 
-def start_server(url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
-    env["XSAM_ADMIN_TOKEN"] = ADMIN
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(port),
-         "--data-dir", str(data_dir), "--database-url", url, "--log-level", "warning"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    raise TimeoutError("server did not become ready")
-
-
-def seed(base: str) -> tuple[str, int]:
-    """A user token, and a job with a 20 000-point series to query."""
+def seed(base: str, jobs: int) -> tuple[str, int]:
+    """A user token and a job with a 20 000-point series and latest metrics; `jobs` jobs in all."""
     admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     user = admin.post("/v1/tokens", json={"name": "bench", "role": "user"}).json()["token"]
-    job = httpx.post(
-        f"{base}/v1/jobs", json={"config": CONFIG}, headers={"Authorization": f"Bearer {user}"}
-    ).json()
-    lease = admin.post(
+    as_user = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {user}"}, timeout=60)
+    ids = [
+        as_user.post("/v1/jobs", json={"config": CONFIG, "tags": ["bench", f"t{n % 5}"]}).json()[
+            "id"
+        ]
+        for n in range(jobs)
+    ]
+    claimed = admin.post(
         "/v1/agent/claim", json={"agent_id": "seed", "capacity": {"cpus": 64, "gpus": 8}}
-    ).json()["lease"]["lease_token"]
-    for start in range(0, 20_000, 5000):
+    ).json()
+    job_id, lease = claimed["job"]["id"], claimed["lease"]["lease_token"]
+    for start in range(0, 20_000, 4000):
         points = [
-            {"name": "loss", "step": s, "value": 1.0 / (s + 1)} for s in range(start, start + 5000)
+            {"name": name, "step": s, "value": 1.0 / (s + 1), "epoch": s // 1000}
+            for s in range(start, start + 4000)
+            for name in (["loss"] if s % 100 else ["loss", "acc", "lr"])
         ]
         admin.post(
-            f"/v1/agent/jobs/{job['id']}/metrics", json={"lease_token": lease, "points": points}
-        )
+            f"/v1/agent/jobs/{job_id}/metrics", json={"lease_token": lease, "points": points}
+        ).raise_for_status()
+    assert job_id in ids
     admin.close()
-    return user, job["id"]
+    as_user.close()
+    return user, job_id
 
 
-def run_load(
-    base: str, token: str, seeded: int, clients: int, duration: float
-) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = defaultdict(list)
-    errors: dict[str, int] = defaultdict(int)
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+def run_wrk(wrk: str, url: str, token: str | None, connections: int, duration: float) -> dict:
+    threads = min(connections, max(1, os.cpu_count() or 1))
+    command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:.0f}s", "--latency"]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
 
-    def client(n: int) -> None:
-        rng = random.Random(n)
-        mine: list[int] = []
-        local: dict[str, list[float]] = defaultdict(list)
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
-        ) as http:
-            start.wait()
-            while time.monotonic() < stop_at[0]:
-                for op in ("submit", "get_job", "metrics"):
-                    t0 = time.perf_counter()
-                    if op == "submit":
-                        r = http.post("/v1/jobs", json={"config": CONFIG, "tags": [f"c{n}"]})
-                        if r.status_code == 201:
-                            mine.append(r.json()["id"])
-                    elif op == "get_job":
-                        r = http.get(f"/v1/jobs/{rng.choice(mine)}")
-                    else:
-                        r = http.get(
-                            f"/v1/jobs/{rng.choice(mine)}/metrics", params={"max_points": 500}
-                        )
-                    elapsed = time.perf_counter() - t0
-                    if r.is_success:
-                        local[op].append(elapsed)
-                    else:
-                        with lock:
-                            errors[f"{op} {r.status_code}"] += 1
-        with lock:
-            for op, values in local.items():
-                results[op].extend(values)
+    def latency(q: str) -> float:
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.monotonic() + duration
-    start.wait()
-    began = time.monotonic()
-    for t in threads:
-        t.join()
-    results["_wall"] = [time.monotonic() - began]
-    if errors:
-        print(f"  errors: {dict(errors)}")
-    return results
-
-
-def metrics_of_seeded(base: str, job_id: int, n: int = 50) -> list[float]:
-    """Latency of a downsampled query on the seeded 20 000-point series (sequential)."""
-    out = []
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as h:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            h.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": 500}).raise_for_status()
-            out.append(time.perf_counter() - t0)
-    return sorted(out)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(rate.group(1)) if rate else float("nan"),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": (int(errors.group(1)) if errors else 0),
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per route")
+    parser.add_argument("--workers", type=int, default=2, help="API processes (uvicorn workers)")
+    parser.add_argument("--jobs", type=int, default=120, help="jobs to seed")
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     args = parser.parse_args(argv)
+    wrk = find_wrk()
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
-    print(f"{args.clients} clients, {args.duration:.0f} s, one uvicorn process, loopback")
-    print(f"{'db':9} {'operation':18} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"wrk, {args.connections} connections, {args.duration:.0f} s per route; "
+        f"xsam serve --workers {args.workers}; loopback; {os.cpu_count()} cores"
+    )
+    print(f"{'db':9} {'route':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for kind in kinds:
         with fresh_database(kind) as (url, data_dir):
-            proc, base = start_server(url, data_dir)
+            proc, base = start_server(url, data_dir, workers=args.workers)
             try:
-                token, seeded = seed(base)
-                results = run_load(base, token, seeded, args.clients, args.duration)
-                wall = results.pop("_wall")[0]
-                for op in ("submit", "get_job", "metrics"):
-                    values = sorted(results[op])
+                token, job_id = seed(base, args.jobs)
+                routes = [
+                    ("/healthz", f"{base}/healthz", None),
+                    ("get job", f"{base}/v1/jobs/{job_id}", token),
+                    ("list (50 jobs)", f"{base}/v1/jobs?limit=50", token),
+                    (
+                        "metrics (20k, 500)",
+                        f"{base}/v1/jobs/{job_id}/metrics?max_points=500",
+                        token,
+                    ),
+                ]
+                results = {}
+                for name, route, auth in routes:
+                    r = results[name] = run_wrk(wrk, route, auth, args.connections, args.duration)
                     print(
-                        f"{kind:9} {op:18} {len(values):9d} {len(values) / wall:8.1f} "
-                        f"{1000 * percentile(values, 50):8.1f} {1000 * percentile(values, 99):8.1f}"
+                        f"{kind:9} {name:22} {r['rps']:9.1f} {r['p50']:8.1f} {r['p99']:8.1f} "
+                        f"{r['errors']:7d} {r['socket_errors']}",
+                        flush=True,
                     )
-                seq = metrics_of_seeded(base, seeded)
-                print(
-                    f"{kind:9} {'metrics 20k idle':18} {len(seq):9d} {'':>8} "
-                    f"{1000 * percentile(seq, 50):8.1f} {1000 * percentile(seq, 99):8.1f}",
-                    flush=True,
-                )
+                ratio = results["get job"]["rps"] / results["/healthz"]["rps"]
+                print(f"{kind:9} get job ÷ /healthz: {ratio:.2f}", flush=True)
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop_server(proc)
     return 0
 
 

@@ -1,26 +1,38 @@
-"""Metric storage: ingest rate and downsampled-query latency on a long series, SQLite and PostgreSQL.
+"""Metric storage: ingest rate (HTTP and storage layer) and query latency by series length.
 
-Measures the storage layer exactly as the ingest route uses it — per batch one transaction that
-checks the lease and inserts the points (`service.metric_series.ingest`) — and the query that
-``GET /v1/jobs/{id}/metrics?max_points=1000`` runs. HTTP and JSON costs are not included
-(bench/api_load.py measures those).
+Three measures per database:
 
-    python bench/metrics_store.py                    # 1 000 000 points, both databases
-    python bench/metrics_store.py --points 200000 --db sqlite
+* **ingest, storage layer** — `--ingest-points` points in batches of `--batch`, each batch one
+  transaction as the ingest route runs it (lease check, insert, rollups);
+* **ingest, HTTP** — the same through ``POST /v1/agent/jobs/{id}/metrics`` on `xsam serve
+  --workers W`, `--clients` threads each feeding its own running job; request bodies are
+  encoded before the clock starts, so the figure is the server's, not the client's;
+* **query** — ``max_points`` downsampled queries (storage layer, `--queries` each) over series of
+  10 k, 100 k, 1 M and 10 M points (`--sizes`), loaded in SQL (generate_series / a recursive CTE,
+  then `metric_rollups.rebuild`), so the growth of the cost with the series' length shows.
+
+    python bench/metrics_store.py                               # both databases, all sizes
+    python bench/metrics_store.py --db postgres --sizes 10000,1000000
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sqlalchemy import text
+
 from bench._databases import fresh_database, percentile
-from service import metric_series, queue
+from bench._server import ADMIN, start_server, stop_server
+from service import metric_rollups, metric_series, queue
 from service.db.engine import (
     db_now,
     make_engine,
@@ -31,85 +43,190 @@ from service.db.migrate import upgrade
 from xsam.config import TrainConfig
 
 CONFIG = {"model": {"name": "mlp"}, "data": {"name": "digits"}}
+POLICY = queue.LeasePolicy(heartbeat_interval_s=5, lease_timeout_s=3600)
 
 
-def run_one(kind: str, points: int, batch: int, queries: int, max_points: int) -> dict[str, float]:
-    with fresh_database(kind) as (url, _):
+def _running_job(writer) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    config = TrainConfig.model_validate(CONFIG)
+    job_id = run_in_transaction(
+        writer, lambda s: queue.enqueue(s, owner="bench", config=config)[0].id
+    )
+    job = run_in_transaction(
+        writer, lambda s: queue.claim_next(s, agent_id="bench", cpus=8, gpus=0, policy=POLICY)
+    )
+    assert job is not None and job.id == job_id and job.lease_token
+    return job_id, job.lease_token
+
+
+def _points(start: int, stop: int) -> list[dict]:
+    return [
+        {"name": "loss", "step": s, "value": 1.0 / (1 + s % 977), "epoch": 1 + s // 10_000}
+        for s in range(start, stop)
+    ]
+
+
+def ingest_storage(writer, points: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    """Points/s through `metric_series.ingest`, one transaction per batch (as the route)."""
+    job_id, token = _running_job(writer)
+    batches = [_points(a, min(a + batch, points)) for a in range(0, points, batch)]
+
+    def work(session, rows):  # type: ignore[no-untyped-def]
+        now = db_now(session)
+        queue.hold_lease(session, job_id, token, POLICY, now=now)
+        return metric_series.ingest(session, job_id, rows, now=now)
+
+    began = time.perf_counter()
+    stored = sum(run_in_transaction(writer, lambda s, b=b: work(s, b)) for b in batches)
+    elapsed = time.perf_counter() - began
+    assert stored == points, (stored, points)
+    return points / elapsed
+
+
+def ingest_http(url: str, data_dir: Path, points: int, batch: int, clients: int, workers: int):  # type: ignore[no-untyped-def]
+    """Points/s through HTTP: `clients` threads, each posting pre-encoded batches to its job."""
+    proc, base = start_server(url, data_dir, workers=workers)
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        with httpx.Client(base_url=base, headers=admin, timeout=120) as http:
+            jobs = []
+            for _ in range(clients):
+                http.post("/v1/jobs", json={"config": CONFIG}).raise_for_status()
+                claimed = http.post(
+                    "/v1/agent/claim",
+                    json={"agent_id": "bench", "capacity": {"cpus": 64, "gpus": 8}},
+                ).json()
+                jobs.append((claimed["job"]["id"], claimed["lease"]["lease_token"]))
+        per_client = points // clients
+        bodies = [
+            [
+                json.dumps(
+                    {"lease_token": lease, "points": _points(a, min(a + batch, per_client))}
+                ).encode()
+                for a in range(0, per_client, batch)
+            ]
+            for _, lease in jobs
+        ]
+        errors: list[str] = []
+        barrier = threading.Barrier(clients + 1)
+
+        def client(n: int) -> None:
+            job_id = jobs[n][0]
+            headers = {**admin, "Content-Type": "application/json"}
+            with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+                barrier.wait()
+                for body in bodies[n]:
+                    r = http.post(f"/v1/agent/jobs/{job_id}/metrics", content=body)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        began = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - began
+        if errors:
+            raise RuntimeError(f"{len(errors)} failed batches, e.g. {errors[0]}")
+        return per_client * clients / elapsed
+    finally:
+        stop_server(proc)
+
+
+def load_series(engine, writer, points: int) -> int:  # type: ignore[no-untyped-def]
+    """A job with a `points`-point series "loss", written in SQL, rolled up; its id."""
+    job_id, _ = _running_job(writer)
+    if engine.dialect.name == "postgresql":
+        fill = """
+            INSERT INTO metrics (job_id, name, step, value, epoch, time)
+            SELECT :job_id, 'loss', s, 1.0 / (1 + s % 977), 1 + s / 10000, now()
+            FROM generate_series(0, :n - 1) AS s
+        """
+    else:
+        fill = """
+            WITH RECURSIVE c(s) AS (SELECT 0 UNION ALL SELECT s + 1 FROM c WHERE s < :n - 1)
+            INSERT INTO metrics (job_id, name, step, value, epoch, time)
+            SELECT :job_id, 'loss', s, 1.0 / (1 + s % 977), 1 + s / 10000, datetime('now')
+            FROM c
+        """
+
+    def work(session):  # type: ignore[no-untyped-def]
+        session.execute(text(fill), {"job_id": job_id, "n": points})
+        metric_rollups.rebuild(session, job_id)
+
+    run_in_transaction(writer, work)
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE metrics"))
+            conn.execute(text("VACUUM ANALYZE metric_rollups"))
+    return job_id
+
+
+def query_latency(reader, job_id: int, points: int, queries: int, max_points: int) -> list[float]:  # type: ignore[no-untyped-def]
+    latencies = []
+    for _ in range(queries + 2):
+        t0 = time.perf_counter()
+        with reader() as session:
+            series = metric_series.query(session, job_id, max_points=max_points)
+        latencies.append(time.perf_counter() - t0)
+    buckets = series["loss"]
+    assert len(buckets) <= max_points and sum(b.get("count", 1) for b in buckets) == points
+    return sorted(latencies[2:])  # the first two warm the statement caches
+
+
+def run_one(kind: str, args: argparse.Namespace) -> None:
+    with fresh_database(kind) as (url, data_dir):
         upgrade(url)
         engine = make_engine(url, pool_size=2, max_overflow=0)
         writer, reader = make_sessionmakers(engine)
-        policy = queue.LeasePolicy(heartbeat_interval_s=5, lease_timeout_s=3600)
-        config = TrainConfig.model_validate(CONFIG)
-        job_id = run_in_transaction(
-            writer, lambda s: queue.enqueue(s, owner="bench", config=config)[0].id
-        )
-        job = run_in_transaction(
-            writer, lambda s: queue.claim_next(s, agent_id="bench", cpus=8, gpus=0, policy=policy)
-        )
-        assert job is not None and job.id == job_id
-        token = job.lease_token
-        assert token is not None
-
-        def ingest(start: int) -> int:
-            rows = [
-                {"name": "loss", "step": s, "value": 1.0 / (1 + s % 977), "epoch": 1 + s // 10_000}
-                for s in range(start, min(start + batch, points))
-            ]
-
-            def work(session):  # what POST /v1/agent/jobs/{id}/metrics does in its transaction
-                now = db_now(session)
-                queue.hold_lease(session, job_id, token, policy, now=now)
-                return metric_series.ingest(session, job_id, rows, now=now)
-
-            return run_in_transaction(writer, work)
-
-        began = time.perf_counter()
-        stored = sum(ingest(start) for start in range(0, points, batch))
-        ingest_s = time.perf_counter() - began
-        assert stored == points, (stored, points)
-
-        latencies = []
-        for _ in range(queries):
-            t0 = time.perf_counter()
-            with reader() as session:
-                series = metric_series.query(session, job_id, max_points=max_points)
-            latencies.append(time.perf_counter() - t0)
-        buckets = series["loss"]
-        assert len(buckets) <= max_points and sum(b["count"] for b in buckets) == points
-        latencies.sort()
+        if args.ingest_points:
+            rate = ingest_storage(writer, args.ingest_points, args.batch)
+            print(f"{kind:9} ingest, storage layer     {rate:12,.0f} points/s", flush=True)
+            rate = ingest_http(
+                url, data_dir, args.ingest_points, args.batch, args.clients, args.workers
+            )
+            print(
+                f"{kind:9} ingest, HTTP ({args.clients} clients, {args.workers} workers)"
+                f" {rate:12,.0f} points/s",
+                flush=True,
+            )
+        for size in args.sizes:
+            began = time.perf_counter()
+            job_id = load_series(engine, writer, size)
+            loaded = time.perf_counter() - began
+            lat = query_latency(reader, job_id, size, args.queries, args.max_points)
+            print(
+                f"{kind:9} query {size:>10,} points      p50 {1000 * percentile(lat, 50):7.1f} ms"
+                f"  p90 {1000 * percentile(lat, 90):7.1f} ms  (loaded in {loaded:.0f} s)",
+                flush=True,
+            )
         engine.dispose()
-        return {
-            "points_per_s": points / ingest_s,
-            "ingest_s": ingest_s,
-            "query_p50_ms": 1000 * percentile(latencies, 50),
-            "query_max_ms": 1000 * latencies[-1],
-            "query_mean_ms": 1000 * statistics.fmean(latencies),
-        }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=1000, help="points per ingest transaction")
-    parser.add_argument("--queries", type=int, default=10, help="downsampled queries to time")
-    parser.add_argument("--max-points", type=int, default=1000)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[10_000, 100_000, 1_000_000, 10_000_000],
+        help="series lengths to query (comma-separated)",
+    )
+    parser.add_argument("--ingest-points", type=int, default=200_000, help="0: skip ingest")
+    parser.add_argument("--batch", type=int, default=1000, help="points per ingest request")
+    parser.add_argument("--clients", type=int, default=4, help="HTTP ingest threads (jobs)")
+    parser.add_argument("--workers", type=int, default=2, help="API processes for HTTP ingest")
+    parser.add_argument("--queries", type=int, default=20, help="queries timed per size")
+    parser.add_argument("--max-points", type=int, default=1000)
     args = parser.parse_args(argv)
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     print(
-        f"series of {args.points} points, batches of {args.batch}, "
-        f"query max_points={args.max_points} x{args.queries}"
-    )
-    print(
-        f"{'db':9} {'ingest pts/s':>13} {'ingest s':>9} {'query p50 ms':>13} {'query max ms':>13}"
+        f"ingest {args.ingest_points} points in batches of {args.batch}; "
+        f"query max_points={args.max_points} x{args.queries} per size"
     )
     for kind in kinds:
-        r = run_one(kind, args.points, args.batch, args.queries, args.max_points)
-        print(
-            f"{kind:9} {r['points_per_s']:13,.0f} {r['ingest_s']:9.1f} "
-            f"{r['query_p50_ms']:13.1f} {r['query_max_ms']:13.1f}",
-            flush=True,
-        )
+        run_one(kind, args)
     return 0
 
 

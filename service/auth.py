@@ -1,8 +1,9 @@
 """Bearer tokens: roles, hashing, creation, lookup.
 
 A token is ``xsam_<random>``; the database keeps only its SHA-256, so a leaked database leaks no
-usable token, and lookup by hash needs no constant-time comparison. Revocation takes effect on
-the next request (nothing is cached).
+usable token, and lookup by hash needs no constant-time comparison. A process keeps the
+principals it found for `TOKEN_CACHE_TTL_S` (one second; `TokenCache`), so a busy API does not
+pay a query per request, and a revocation takes effect within that second in every process.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -55,6 +58,41 @@ class Principal:
 #: Token names the service gives its own principals (the admin token file, XSAM_ADMIN_TOKEN,
 #: XSAM_AGENT_TOKEN): refused for tokens created over the API.
 RESERVED_NAMES = frozenset({"admin", "agent"})
+
+
+#: How long a process trusts a token it looked up: the most a revocation may take to bite.
+TOKEN_CACHE_TTL_S = 1.0
+
+
+class TokenCache:
+    """Principals by secret hash, each trusted for `ttl_s` seconds after its lookup.
+
+    Only valid tokens are kept (an unknown secret costs a lookup each time, so random secrets
+    cannot fill the cache); at most `max_entries`, the whole cache dropped when full.
+    """
+
+    def __init__(self, ttl_s: float = TOKEN_CACHE_TTL_S, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+
+    def clear(self) -> None:
+        """Forget every token (this process's revocations bite at once)."""
+        with self._lock:
+            self._entries.clear()
 
 
 def new_secret() -> str:

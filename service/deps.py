@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,8 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from service.auth import Principal, Role, authenticate
+from service.auth import Principal, Role, TokenCache, authenticate, hash_secret
 from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy
@@ -32,16 +33,21 @@ class AppState:
     policy: LeasePolicy
     instruments: Instruments
     submit_limiter: SubmitRateLimiter
+    tokens: TokenCache = field(default_factory=TokenCache)
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies that do not block are `async def`: FastAPI runs a plain `def` dependency in a
+# worker thread, and those hops cost more than a cached get-job itself.
+
+
+async def get_state(request: Request) -> AppState:
     return request.app.state.xsam
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings_dep(state: StateDep) -> Settings:
+async def get_settings_dep(state: StateDep) -> Settings:
     return state.settings
 
 
@@ -59,8 +65,13 @@ def get_session(state: StateDep) -> Iterator[Session]:
         yield session
 
 
-def get_read_session(state: StateDep) -> Iterator[Session]:
-    """A reading session (on SQLite it never takes the write lock)."""
+async def get_read_session(state: StateDep) -> AsyncIterator[Session]:
+    """A reading session (on SQLite it never takes the write lock).
+
+    Opening one does no I/O (the connection is taken on first use, in the handler's thread);
+    closing it hands the connection back, which on PostgreSQL's autocommit reader sends nothing
+    and on SQLite ends a read transaction in memory.
+    """
     with state.reader() as session:
         yield session
         session.rollback()
@@ -75,7 +86,7 @@ ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 bearer_scheme = HTTPBearer(auto_error=False, description="an xsam_... token")
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     state: StateDep,
     _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
@@ -84,30 +95,39 @@ def get_principal(
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated()
+    digest = hash_secret(secret.strip())
+    cached = state.tokens.get(digest)
+    if cached is not None:
+        return cached
+    principal = await run_in_threadpool(_look_up, state, secret.strip())
+    if principal is None:
+        raise Unauthenticated("unknown or revoked token")
+    state.tokens.put(digest, principal)
+    return principal
+
+
+def _look_up(state: AppState, secret: str) -> Principal | None:
     admin, agent = state.settings.admin_token, state.settings.agent_token
     with state.reader() as session:
-        principal = authenticate(
+        return authenticate(
             session,
-            secret.strip(),
+            secret,
             admin_secret=admin.get_secret_value() if admin else None,
             agent_secret=agent.get_secret_value() if agent else None,
         )
-    if principal is None:
-        raise Unauthenticated("unknown or revoked token")
-    return principal
 
 
 #: Any valid token; jobs it submits are owned by its name, and it sees only those (admins: all).
 OwnerDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_agent(principal: OwnerDep) -> Principal:
+async def get_agent(principal: OwnerDep) -> Principal:
     if principal.role not in (Role.AGENT, Role.ADMIN):
         raise PermissionDenied("only agent or admin tokens may call /v1/agent")
     return principal
 
 
-def get_admin(principal: OwnerDep) -> Principal:
+async def get_admin(principal: OwnerDep) -> Principal:
     if principal.role is not Role.ADMIN:
         raise PermissionDenied("only admin tokens may manage tokens")
     return principal

@@ -1,10 +1,11 @@
-"""Metric series: idempotent ingest, the latest values, and downsampling done in SQL.
+"""Metric series: idempotent bulk ingest, the latest values, and downsampled queries.
 
-A series is the points of one (job, name), keyed by step. A query for more points than
-``max_points`` is answered with at most ``max_points`` buckets of equal step width, each keeping
-min, max, mean, count and its last point, computed by a GROUP BY over the (job_id, name, step)
-primary-key index: a series is never loaded whole into memory, and a one-step spike survives in
-its bucket's ``max``.
+A series is the points of one (job, name), keyed by step. Ingest inserts a batch in one
+statement and folds the points that were new into the rollups (service/metric_rollups.py) in
+a second, in the caller's transaction. A query for more points than ``max_points`` is answered
+from the rollups with at most ``max_points`` buckets, each keeping min, max, mean, count and
+its last point: its cost depends on max_points, not on the series' length, and a one-step
+spike survives in its bucket's ``max``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, literal_column, select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
-from service.db.models import Metric
+from service import metric_rollups
+from service.db.models import Metric, MetricRollup
 from service.events import dialect_insert
 
 #: Largest step (the BIGINT column's maximum).
@@ -27,7 +29,7 @@ _CHUNK = 1000
 def ingest(session: Session, job_id: int, points: list[dict[str, Any]], *, now: datetime) -> int:
     """Insert `points` ({name, step, value, epoch?, time?}); a point already stored is ignored.
 
-    Returns how many points were new.
+    The new points are rolled up in the same transaction. Returns how many points were new.
     """
     # The last occurrence of a (name, step) within one batch wins, as a replay would.
     rows = {
@@ -44,31 +46,71 @@ def ingest(session: Session, job_id: int, points: list[dict[str, Any]], *, now: 
     values = list(rows.values())
     if session.get_bind().dialect.name == "postgresql":
         return _ingest_postgresql(session, job_id, values)
+    new = [rows[key] for key in _insert_sqlite(session, values)]
+    metric_rollups.record(session, job_id, new)
+    return len(new)
+
+
+def _insert_sqlite(session: Session, values: list[dict[str, Any]]) -> list[tuple[str, int]]:
     stmt = (
         dialect_insert(session, Metric.__table__)
         .on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
         # rowcount is not reliable for batched inserts on every driver; RETURNING is.
-        .returning(Metric.__table__.c.step)
+        .returning(Metric.__table__.c.name, Metric.__table__.c.step)
     )
     # Core executemany: SQLAlchemy batches it into multi-row INSERTs ("insertmanyvalues")
     # with one compiled statement, far cheaper than compiling a VALUES list per batch.
     connection = session.connection()
-    inserted = 0
+    new: list[tuple[str, int]] = []
     for start in range(0, len(values), _CHUNK):
-        inserted += len(connection.execute(stmt, values[start : start + _CHUNK]).all())
-    return inserted
+        new.extend(tuple(r) for r in connection.execute(stmt, values[start : start + _CHUNK]))
+    return new
 
 
-# Six array parameters instead of six per row: no per-row parameter parsing, one plan.
+# One statement per batch: the points travel as five array literals (no per-row parameters),
+# and the points that were new (RETURNING) are rolled up at every level by the same statement.
 _PG_INGEST = text(
-    """
-    INSERT INTO metrics (job_id, name, step, value, epoch, time)
-    SELECT :job_id, p.* FROM unnest(
-        CAST(:names AS varchar[]), CAST(:steps AS bigint[]), CAST(:vals AS float8[]),
-        CAST(:epochs AS integer[]), CAST(:times AS timestamp[])
-    ) AS p
-    ON CONFLICT (job_id, name, step) DO NOTHING
-    RETURNING step
+    f"""
+    WITH new AS (
+        INSERT INTO metrics (job_id, name, step, value, epoch, time)
+        SELECT :job_id, p.* FROM unnest(
+            CAST(:names AS varchar[]), CAST(:steps AS bigint[]), CAST(:vals AS float8[]),
+            CAST(:epochs AS integer[]), CAST(:times AS timestamp[])
+        ) AS p
+        ON CONFLICT (job_id, name, step) DO NOTHING
+        RETURNING name, step, value, epoch, time
+    ), level1 AS (
+        -- Level 1 from the points, then every level from level 1's rows (8 x fewer than the
+        -- points): the statement aggregates ~1.1 rows per point, not one per point and level.
+        SELECT name, step >> {metric_rollups.LEVEL_BITS} AS bucket, count(*) AS count,
+               sum(value) AS sum, min(value) AS min, max(value) AS max,
+               min(step) AS first_step, max(step) AS last_step,
+               (array_agg(value ORDER BY step DESC))[1] AS last_value,
+               (array_agg(epoch ORDER BY step DESC))[1] AS last_epoch,
+               (array_agg(time ORDER BY step DESC))[1] AS last_time
+        FROM new GROUP BY name, step >> {metric_rollups.LEVEL_BITS}
+    ), cells AS (
+        SELECT l.level, c.name,
+               CASE WHEN l.level = {metric_rollups.SERIES_LEVEL} THEN 0
+                    ELSE c.bucket >> ({metric_rollups.LEVEL_BITS} * (l.level - 1)) END AS bucket,
+               c.count, c.sum, c.min, c.max, c.first_step, c.last_step, c.last_value,
+               c.last_epoch, c.last_time
+        FROM level1 AS c CROSS JOIN generate_series(0, {metric_rollups.LEVELS}) AS l(level)
+    ), rolled AS (
+        INSERT INTO metric_rollups (job_id, level, name, bucket, count, sum, min, max,
+                                    first_step, last_step, last_value, last_epoch, last_time)
+        SELECT :job_id, level, name, bucket, sum(count), sum(sum), min(min), max(max),
+               min(first_step), max(last_step),
+               (array_agg(last_value ORDER BY last_step DESC))[1],
+               (array_agg(last_epoch ORDER BY last_step DESC))[1],
+               (array_agg(last_time ORDER BY last_step DESC))[1]
+        FROM cells
+        GROUP BY level, name, bucket
+        ORDER BY level, name, bucket  -- key order: concurrent batches cannot deadlock
+        ON CONFLICT (job_id, level, name, bucket) DO UPDATE SET
+        {metric_rollups.upsert_sets("postgresql")}
+    )
+    SELECT count(*) FROM new
     """
 )
 
@@ -78,41 +120,43 @@ def _naive_utc(t: datetime) -> datetime:
 
 
 def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]) -> int:
+    naive: dict[datetime, datetime] = {}  # most points of a batch share one time
+    for r in rows:
+        t = r["time"]
+        if t not in naive:
+            naive[t] = _naive_utc(t)
+    array = metric_rollups.pg_array
     result = session.execute(
         _PG_INGEST,
         {
             "job_id": job_id,
-            "names": [r["name"] for r in rows],
-            "steps": [r["step"] for r in rows],
-            "vals": [r["value"] for r in rows],
-            "epochs": [r["epoch"] for r in rows],
-            "times": [_naive_utc(r["time"]) for r in rows],
+            "names": array([r["name"] for r in rows]),
+            "steps": array([r["step"] for r in rows]),
+            "vals": array([r["value"] for r in rows]),
+            "epochs": array([r["epoch"] for r in rows]),
+            "times": array([naive[r["time"]] for r in rows]),
         },
     )
-    return len(result.all())
+    return int(result.scalar_one())
+
+
+_R = MetricRollup.__table__.c
+#: The latest point of every series of some jobs: their series rows (level 0), kept at ingest.
+_LATEST = select(
+    _R.job_id, _R.name, _R.last_step, _R.last_value, _R.last_epoch, _R.last_time
+).where(
+    _R.job_id.in_(bindparam("job_ids", expanding=True)),
+    _R.level == metric_rollups.SERIES_LEVEL,
+)
 
 
 def latest(session: Session, job_ids: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
     """{job_id: {name: point}} with the newest (highest-step) point of every series."""
     if not job_ids:
         return {}
-    newest = (
-        select(Metric.job_id, Metric.name, func.max(Metric.step).label("step"))
-        .where(Metric.job_id.in_(job_ids))
-        .group_by(Metric.job_id, Metric.name)
-        .subquery()
-    )
-    stmt = select(Metric).join(
-        newest,
-        and_(
-            Metric.job_id == newest.c.job_id,
-            Metric.name == newest.c.name,
-            Metric.step == newest.c.step,
-        ),
-    )
     out: dict[int, dict[str, dict[str, Any]]] = {j: {} for j in job_ids}
-    for m in session.scalars(stmt):
-        out[m.job_id][m.name] = _point(m.step, m.value, m.epoch, m.time)
+    for job_id, name, step, value, epoch, time in session.execute(_LATEST, {"job_ids": job_ids}):
+        out[job_id][name] = _point(step, value, epoch, time)
     return out
 
 
@@ -129,104 +173,34 @@ def query(
     until_step: int | None = None,
     max_points: int = 1000,
 ) -> dict[str, list[dict[str, Any]]]:
-    """{name: points} in step order; series longer than `max_points` come back as buckets."""
-    bounds = [Metric.job_id == job_id]
-    if names:
-        bounds.append(Metric.name.in_(names))
-    if since_step is not None:
-        bounds.append(Metric.step >= since_step)
-    if until_step is not None:
-        bounds.append(Metric.step <= until_step)
-    sizes = session.execute(
-        select(Metric.name, func.count(), func.min(Metric.step), func.max(Metric.step))
-        .where(*bounds)
-        .group_by(Metric.name)
-        .order_by(Metric.name)
-    ).all()
+    """{name: points} in step order; series longer than `max_points` come back as buckets.
+
+    A series with no point in the range is left out.
+    """
+    wanted = set(names) if names else None
     series: dict[str, list[dict[str, Any]]] = {}
-    for name, count, lo, hi in sizes:
-        where = [*bounds, Metric.name == name]
-        if count <= max_points:
-            rows = session.execute(
-                select(Metric.step, Metric.value, Metric.epoch, Metric.time)
-                .where(*where)
-                .order_by(Metric.job_id, Metric.name, Metric.step)
-            )
-            series[name] = [_point(*row) for row in rows]
+    for row in session.execute(metric_rollups.SERIES, {"job_id": job_id}).all():
+        name = row.name
+        if wanted is not None and name not in wanted:
+            continue
+        whole = metric_rollups.summary_of(row)
+        lo = whole.first_step if since_step is None else max(whole.first_step, since_step)
+        hi = whole.last_step if until_step is None else min(whole.last_step, until_step)
+        if lo > hi:
+            continue
+        whole_range = lo == whole.first_step and hi == whole.last_step
+        if whole_range and whole.count <= max_points:
+            points = _raw(session, job_id, name, lo, hi)
         else:
-            series[name] = _buckets(session, job_id, name, where, int(lo), int(hi), max_points)
+            buckets = metric_rollups.buckets(session, job_id, name, lo, hi, max_points, whole)
+            if sum(b["count"] for b in buckets) <= max_points:  # a sparse range: its points
+                points = _raw(session, job_id, name, lo, hi)
+            else:
+                points = buckets
+        if points:
+            series[name] = points
     return series
 
 
-def _buckets(
-    session: Session, job_id: int, name: str, where: list[Any], lo: int, hi: int, n: int
-) -> list[dict[str, Any]]:
-    # Bucket b holds steps with (step - lo) // width == b, width = ceil(span / n): at most n
-    # buckets of equal width. Dividing by the width (not multiplying by n first) keeps every
-    # intermediate within the steps' own range: (step - lo) * n overflowed BIGINT on
-    # PostgreSQL and silently became a float on SQLite (four buckets for max_points=1).
-    span = hi - lo + 1  # up to 2**63: Python computes it, the database never sees it
-    width = -(-span // n)
-    if width > MAX_BIGINT:  # only for n == 1 over the whole step range: one bucket
-        # (an expression, not a bare 0, which GROUP BY would read as a column position)
-        bucket = (Metric.step * literal_column("0")).label("bucket")
-    else:
-        # Integers inlined (not bound) so PostgreSQL sees the same expression in SELECT and
-        # GROUP BY. Plain "/" on integers is integer division on both backends (SQLAlchemy's
-        # "//" would wrap it in FLOOR(), a float, on PostgreSQL).
-        lo_, width_ = literal_column(str(int(lo))), literal_column(str(int(width)))
-        # self_group(): a custom operator would not parenthesise its left side by itself.
-        bucket = (Metric.step - lo_).self_group().op("/")(width_).label("bucket")
-    if session.get_bind().dialect.name == "postgresql":
-        # At most n groups: hashing them is always right, but a planner with stale statistics
-        # (a freshly ingested series) would sort the whole series instead. The penalty that
-        # setting adds to the final 1000-row sort would make the plan look costly enough to
-        # JIT-compile, which takes longer than the query itself: no JIT either.
-        session.execute(text("SET LOCAL enable_sort = off"))
-        session.execute(text("SET LOCAL jit = off"))
-    agg = (
-        select(
-            bucket,
-            func.min(Metric.value).label("min"),
-            func.max(Metric.value).label("max"),
-            func.avg(Metric.value).label("mean"),
-            func.count().label("count"),
-            func.min(Metric.step).label("step_min"),
-            func.max(Metric.step).label("step_max"),
-        )
-        .where(*where)
-        .group_by(bucket)
-        .subquery()
-    )
-    # The bucket's last point is a primary-key lookup per bucket (correlated scalar subqueries,
-    # so no planner, however stale its statistics, can turn this into a join over the series).
-    last = Metric.__table__.alias("last")
-
-    def at_last(column: Any) -> Any:
-        return (
-            select(column)
-            .where(last.c.job_id == job_id, last.c.name == name, last.c.step == agg.c.step_max)
-            .scalar_subquery()
-        )
-
-    stmt = select(
-        agg,
-        at_last(last.c.value).label("value"),
-        at_last(last.c.epoch).label("epoch"),
-        at_last(last.c.time).label("time"),
-    ).order_by(agg.c.step_max)
-    return [
-        {
-            "step": int(r.step_max),
-            "value": float(r.value),
-            "epoch": r.epoch,
-            "time": r.time,
-            "min": float(r.min),
-            "max": float(r.max),
-            "mean": float(r.mean),
-            "count": int(r.count),
-            "step_min": int(r.step_min),
-            "step_max": int(r.step_max),
-        }
-        for r in session.execute(stmt)
-    ]
+def _raw(session: Session, job_id: int, name: str, lo: int, hi: int) -> list[dict[str, Any]]:
+    return [_point(*row) for row in metric_rollups.raw_points(session, job_id, name, lo, hi)]

@@ -39,11 +39,13 @@ def make_engine(
 ) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and immediate write transactions."""
     if not is_sqlite(url):
+        # No pre-ping: it is a round trip per request. A connection the server dropped fails
+        # one request (503), and SQLAlchemy then discards the pool's older connections.
         return create_engine(
             url,
             pool_size=pool_size,
             max_overflow=max_overflow,
-            pool_pre_ping=True,
+            pool_recycle=600,
             # A statement's parameters (lease tokens, token hashes) never reach an error
             # message or a log line.
             hide_parameters=True,
@@ -109,11 +111,17 @@ def _release(info: dict) -> None:
 
 
 def make_sessionmakers(engine: Engine) -> tuple[sessionmaker[Session], sessionmaker[Session]]:
-    """(writer, reader) session factories; on SQLite the reader begins DEFERRED."""
+    """(writer, reader) session factories; on SQLite the reader begins DEFERRED.
+
+    On PostgreSQL the reader runs in autocommit: no BEGIN/ROLLBACK round trips around a read
+    (each statement sees its own snapshot, which reads that never write can afford).
+    """
     writer = sessionmaker(engine, expire_on_commit=False)
-    reader = sessionmaker(
-        engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"}), expire_on_commit=False
-    )
+    if engine.dialect.name == "postgresql":
+        read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    else:
+        read_engine = engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
+    reader = sessionmaker(read_engine, expire_on_commit=False)
     return writer, reader
 
 

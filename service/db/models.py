@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -167,6 +168,34 @@ class Metric(Base):
 
     # SQLite: store rows in the primary-key b-tree itself, so a series is one sequential range
     # (a rowid table would cost a lookup per point when scanning or downsampling it).
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class MetricRollup(Base):
+    """A summary of one series' points in one bucket (see service/metric_rollups.py).
+
+    Level 0 holds one row per series (bucket 0: every point); level L >= 1 holds the points with
+    ``step >> (3 * L) == bucket``, i.e. buckets of 8**L steps.
+    """
+
+    __tablename__ = "metric_rollups"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    sum: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    last_value: Mapped[float] = mapped_column(Float)
+    last_epoch: Mapped[int | None] = mapped_column(Integer)
+    last_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
     __table_args__ = ({"sqlite_with_rowid": False},)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import ColumnElement, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from service import events as event_log
 from service import job_logs, metric_series, queue, quotas
@@ -18,6 +18,7 @@ from service.auth import Principal
 from service.db.models import Job, JobTag
 from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
 from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
+from service.job_reads import job_by_id, jobs_public, select_jobs
 from service.queue import JobStatus
 from service.schemas import (
     MAX_BIGINT,
@@ -46,7 +47,8 @@ JobId = Annotated[int, Path(ge=0, le=MAX_BIGINT)]
 
 def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
     """The job, if the caller may see it; another owner's job is indistinguishable from none."""
-    job = session.get(Job, job_id)
+    # Tags are read only if the caller uses them (most routes only check the owner).
+    job = session.get(Job, job_id, options=[lazyload(Job.tag_rows)])
     if job is None or (not principal.is_admin and job.owner_key != principal.owner_key):
         raise JobNotFound(f"job {job_id} not found")
     return job
@@ -143,7 +145,7 @@ def list_jobs(
     study: Annotated[int | None, Query(ge=0, le=MAX_BIGINT, description="a study's id")] = None,
 ) -> JobsPublic:
     """Jobs newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    stmt = select(Job).where(*visible_jobs(owner)).order_by(Job.id.desc()).limit(limit + 1)
+    stmt = select_jobs(session).where(*visible_jobs(owner)).order_by(Job.id.desc()).limit(limit + 1)
     if study is not None:
         stmt = stmt.where(Job.study_id == study)
     if status is not None:
@@ -152,23 +154,19 @@ def list_jobs(
         stmt = stmt.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
     if cursor:
         stmt = stmt.where(Job.id < _decode_cursor(cursor))
-    jobs = list(session.scalars(stmt))
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    latest = metric_series.latest(session, [j.id for j in jobs])
-    items = [
-        JobPublic.from_job(
-            j, latest_metrics=latest[j.id], queue_position=queue.queue_position(session, j)
-        )
-        for j in jobs
-    ]
-    return JobsPublic(items=items, next_cursor=_encode_cursor(jobs[-1].id) if more else None)
+    items = jobs_public(session, stmt)
+    more = len(items) > limit
+    items = items[:limit]
+    return JobsPublic(items=items, next_cursor=_encode_cursor(items[-1].id) if more else None)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> JobPublic:
     """One job with its progress, latest metrics, error and queue position."""
-    return job_public(session, visible_job(session, owner, job_id))
+    job = job_by_id(session, job_id, None if owner.is_admin else owner.owner_key)
+    if job is None:
+        raise JobNotFound(f"job {job_id} not found")
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(409))

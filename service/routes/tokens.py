@@ -10,7 +10,7 @@ from sqlalchemy import select
 from service.auth import Role, create_token
 from service.db.engine import db_now
 from service.db.models import Token
-from service.deps import AdminDep, ReadSessionDep, SessionDep
+from service.deps import AdminDep, ReadSessionDep, SessionDep, StateDep
 from service.errors import TokenNameTaken, TokenNotFound
 from service.schemas import (
     MAX_BIGINT,
@@ -62,13 +62,18 @@ def list_tokens(session: ReadSessionDep, admin: AdminDep) -> TokensPublic:
 
 @router.delete("/{token_id}", status_code=204, responses=error_responses(404))
 def revoke(
-    token_id: Annotated[int, Path(ge=0, le=MAX_BIGINT)], session: SessionDep, admin: AdminDep
+    token_id: Annotated[int, Path(ge=0, le=MAX_BIGINT)],
+    session: SessionDep,
+    admin: AdminDep,
+    state: StateDep,
 ) -> Response:
-    """Revoke a token; it is refused from the next request on."""
+    """Revoke a token; it is refused from the next request on (by other API processes, within
+    a second: they trust a token for that long after looking it up)."""
     with session.begin():
         token = session.get(Token, token_id)
         if token is None:
             raise TokenNotFound(f"token {token_id} not found")
         if token.revoked_at is None:
             token.revoked_at = db_now(session)
+    state.tokens.clear()
     return Response(status_code=204)

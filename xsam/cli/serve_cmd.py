@@ -47,6 +47,13 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         "--no-agent", action="store_true", help="run the API only (no local Ray, no agent)"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers; with --no-agent only; default 1). Each has its own "
+        "database pool (XSAM_DB_POOL_SIZE + XSAM_DB_MAX_OVERFLOW connections at most)",
+    )
     agent = parser.add_argument_group("embedded agent and Ray")
     agent.add_argument("--ray-address", default=None, help="join this Ray cluster instead")
     agent.add_argument(
@@ -191,9 +198,20 @@ def prepare(settings) -> str:  # type: ignore[no-untyped-def]
 
 
 def build_and_run_api(
-    settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
-) -> int:  # type: ignore[no-untyped-def]
-    """Migrate, provision the admin token, then serve the API on host:port until stopped."""
+    settings,  # type: ignore[no-untyped-def]
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    workers: int = 1,
+) -> int:
+    """Migrate, provision the admin token, then serve the API on host:port until stopped.
+
+    With `workers` > 1, uvicorn runs that many processes on the port, each building its app
+    with `create_app()` from the environment: the settings' data dir and database URL are
+    handed down as XSAM_DATA_DIR and XSAM_DATABASE_URL.
+    """
+    import os
+
     import uvicorn
 
     from service.app import create_app
@@ -211,9 +229,27 @@ def build_and_run_api(
             print(f"xsam serve: {exc}", file=sys.stderr)
             return 1
         where = prepare(settings)
-        app = create_app(settings)
-        log.info("XSAM API on %s (database %s)", url, _safe(settings.url))
+        log.info("XSAM API on %s (database %s, %d worker(s))", url, _safe(settings.url), workers)
         log.info("admin token: %s", where)
+        if workers > 1:
+            # uvicorn's worker supervisor binds the port itself: hand ours back just before.
+            # The data directory stays locked, so a second `xsam serve` there still refuses.
+            sock.close()
+            os.environ["XSAM_DATA_DIR"] = str(settings.data_dir)
+            os.environ["XSAM_DATABASE_URL"] = settings.url
+            print(f"xsam: serving the API on {url} with {workers} workers; admin token in "
+                  f"{where}", file=sys.stderr, flush=True)  # fmt: skip
+            uvicorn.run(
+                "service.app:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_level=log_level,
+                access_log=False,
+            )
+            return 0
+        app = create_app(settings)
         # The port is this process's already: the line below is true before uvicorn starts.
         print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr,
               flush=True)  # fmt: skip
@@ -240,8 +276,11 @@ def run(args: argparse.Namespace) -> int:
     # XSAM_DATA_DIR / XSAM_DATABASE_URL are read by Settings; flags win over them.
     settings = make_settings(args.data_dir, args.database_url)
     if not args.no_agent:
+        if args.workers != 1:
+            print("xsam serve: --workers needs --no-agent", file=sys.stderr)
+            return 2
         return run_embedded(settings, args)
-    return build_and_run_api(settings, args.host, args.port, args.log_level)
+    return build_and_run_api(settings, args.host, args.port, args.log_level, args.workers)
 
 
 def _admin_token(settings) -> str:  # type: ignore[no-untyped-def]
