@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from xsam.errors import ConfigurationError, DataError
+from xsam.val_split import hold_out
 
 DEFAULT_DATA_ROOT = "~/.cache/xsam/data"
 _CIFAR_STATS = {
@@ -56,6 +57,9 @@ class Dataset:
     num_classes: int
     #: Train batches get random crop (pad 4) + horizontal flip + Cutout(16): 32×32 images only.
     augment: bool = False
+    #: The held-out part of the training set (``data.val_fraction``; see xsam/val_split.py).
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -68,6 +72,8 @@ class Dataset:
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
+            x_val=None if self.x_val is None else self.x_val.to(device),
+            y_val=None if self.y_val is None else self.y_val.to(device),
         )
 
 
@@ -86,15 +92,17 @@ def load_dataset(
     """Load a registered data set onto ``device`` (CPU by default).
 
     ``config_or_name`` is a data set name, a `DataConfig`, or a `TrainConfig` (its ``data``):
-    a config contributes ``root``, ``options``, ``num_train`` and ``augment``.
+    a config contributes ``root``, ``options``, ``num_train``, ``augment`` and the validation
+    split (``val_fraction`` of the first ``num_train`` samples, chosen by ``val_seed``).
     """
-    subdir, num_train, augment = "", None, True
+    subdir, num_train, augment, val_fraction, val_seed = "", None, True, 0.0, 0
     if isinstance(config_or_name, str):
         name = config_or_name
     else:
         data_config = getattr(config_or_name, "data", config_or_name)
         name, subdir = data_config.name, data_config.root
         num_train, augment = data_config.num_train, data_config.augment
+        val_fraction, val_seed = data_config.val_fraction, data_config.val_seed
         options = {**data_config.options, **options}
     if name not in DATASETS:
         raise ConfigurationError(
@@ -104,10 +112,18 @@ def load_dataset(
     x_train, y_train, x_test, y_test, num_classes = DATASETS[name](directory, **options)
     if num_train is not None:
         x_train, y_train = x_train[:num_train], y_train[:num_train]
+    x_train, y_train, x_val, y_val = hold_out(
+        torch.as_tensor(x_train, dtype=torch.float32),
+        torch.as_tensor(y_train, dtype=torch.int64),
+        val_fraction,
+        seed=val_seed,
+    )
     data = Dataset(
         name=name,
-        x_train=torch.as_tensor(x_train, dtype=torch.float32),
-        y_train=torch.as_tensor(y_train, dtype=torch.int64),
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
         x_test=torch.as_tensor(x_test, dtype=torch.float32),
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
         num_classes=num_classes,

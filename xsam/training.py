@@ -132,6 +132,7 @@ def fit(
             "device": str(device),
             "num_train": len(data.y_train),
             "num_test": len(data.y_test),
+            "num_val": 0 if data.y_val is None else len(data.y_val),
         },
     )
 

@@ -42,7 +42,7 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
     steps_per_epoch = 600 // 50
     total = 3 * steps_per_epoch
     assert [p["step"] for p in series["train/loss"]] == list(range(2, total + 1, 2))
-    assert [p["epoch"] for p in series["val/acc"]] == [1, 2, 3]
+    assert [p["epoch"] for p in series["test/acc"]] == [1, 2, 3]
     # Both ranks used the same α at every search (fit gathers them under DDP).
     assert series["xsam/alpha_rank_spread"] and all(
         p["value"] == 0 for p in series["xsam/alpha_rank_spread"]
@@ -71,8 +71,8 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
     model = load_trained(path)
     data = load_dataset(TrainConfig.model_validate(config), data_root=data_root)
     measured = evaluate(model, data)
-    assert measured["val/acc"] == pytest.approx(series["val/acc"][-1]["value"], abs=1e-6)
-    assert measured["val/loss"] == pytest.approx(series["val/loss"][-1]["value"], rel=1e-4)
+    assert measured["test/acc"] == pytest.approx(series["test/acc"][-1]["value"], abs=1e-6)
+    assert measured["test/loss"] == pytest.approx(series["test/loss"][-1]["value"], rel=1e-4)
     assert (serve.data_dir / "artifacts" / f"job-{job['id']}" / "config.json").exists()
 
 
@@ -188,7 +188,7 @@ def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
         assert "requeued" in [e["type"] for e in events]
         series = api.metrics(job["id"])["series"]
         # Every epoch exactly once, every logged step exactly once: none missing, none twice.
-        assert [p["epoch"] for p in series["val/acc"]] == list(range(1, epochs + 1))
+        assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
         steps = [p["step"] for p in series["train/loss"]]
         assert steps == list(range(2, epochs * 12 + 1, 2))
         done_epochs = [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"]
@@ -242,7 +242,7 @@ def test_ctrl_c_releases_the_running_job_and_the_next_start_resumes_it(
     assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
         range(1, epochs + 1)
     )
-    assert [p["epoch"] for p in series["val/acc"]] == list(range(1, epochs + 1))
+    assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
     assert [p["step"] for p in series["train/loss"]] == list(range(2, epochs * 12 + 1, 2))
 
 

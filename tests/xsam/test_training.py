@@ -63,7 +63,7 @@ def test_short_mnist1d_run_learns(data_root):
     )
     summary = fit(config, data_root=data_root)
     assert summary["status"] == "completed" and summary["steps"] == 4 * 32
-    assert summary["metrics"]["val/acc"] > 0.6, summary
+    assert summary["metrics"]["test/acc"] > 0.6, summary
 
 
 def test_reports_follow_the_contract_and_weights_reload(data_root, tmp_path):
@@ -94,15 +94,29 @@ def test_reports_follow_the_contract_and_weights_reload(data_root, tmp_path):
         "xsam/sharpness",
     }
     assert [m["epoch"] for m in train] == [1, 1, 2, 2]
-    val = [m["values"] for m in metrics if "val/acc" in m["values"]]
-    assert len(val) == 2 and val[-1]["val/acc"] == summary["metrics"]["val/acc"]
+    val = [m["values"] for m in metrics if "test/acc" in m["values"]]
+    assert len(val) == 2 and val[-1]["test/acc"] == summary["metrics"]["test/acc"]
     assert summary["alpha"] == searches[-1]["data"]["alpha"]
     assert set(summary) >= {"status", "epochs_completed", "steps", "metrics", "fit_seconds"}
 
     model = load_trained(tmp_path / "m.pt")
     again = evaluate(model, load_dataset(config, data_root=data_root))
-    assert again["val/acc"] == summary["metrics"]["val/acc"]
-    assert again["val/loss"] == pytest.approx(summary["metrics"]["val/loss"], rel=1e-6)
+    assert again["test/acc"] == summary["metrics"]["test/acc"]
+    assert again["test/loss"] == pytest.approx(summary["metrics"]["test/loss"], rel=1e-6)
+
+
+def test_val_fraction_reports_the_held_out_split_as_val_and_the_test_set_as_test(
+    data_root, tmp_path
+):
+    records = []
+    config = make_config(data={"val_fraction": 0.25}, schedule={"epochs": 1})
+    summary = fit(config, report=records.append, data_root=data_root, weights_out=tmp_path / "m.pt")
+    started = next(r for r in records if r.get("type") == "started")
+    assert started["data"]["num_val"] == 100 and started["data"]["num_train"] == 300
+    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(summary["metrics"])
+    model, data = load_trained(tmp_path / "m.pt"), load_dataset(config, data_root=data_root)
+    assert evaluate(model, data, split="val")["val/acc"] == summary["metrics"]["val/acc"]
+    assert evaluate(model, data)["test/acc"] == summary["metrics"]["test/acc"]
 
 
 def test_sgd_reports_only_train_metrics(data_root):
@@ -174,7 +188,7 @@ def test_stop_mid_epoch_then_resume_exactly(data_root, tmp_path):
         config, data_root=data_root, resume_from=tmp_path / "c", weights_out=tmp_path / "resumed.pt"
     )
     assert resumed["steps"] == 24 and resumed["alpha"] == full["alpha"]
-    assert resumed["metrics"]["val/acc"] == full["metrics"]["val/acc"]
+    assert resumed["metrics"]["test/acc"] == full["metrics"]["test/acc"]
     assert state_dicts_equal(weights(tmp_path / "full.pt"), weights(tmp_path / "resumed.pt"))
 
 
@@ -200,7 +214,7 @@ def test_fake_cifar_trains_with_augmentation(tmp_path):
     )
     summary = fit(config, data_root=tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 3
-    assert 0 <= summary["metrics"]["val/acc"] <= 1
+    assert 0 <= summary["metrics"]["test/acc"] <= 1
 
 
 @pytest.mark.gpu
