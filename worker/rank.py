@@ -1,7 +1,7 @@
-"""What every rank of a job runs under Ray Train: xsam.training.fit, wired to the service.
+"""What every rank of a job runs: xsam.training.fit, wired to the service.
 
-Ray Train has already initialised torch.distributed (gloo on CPU, NCCL on GPU) when
-`train_on_rank` starts. Each rank polls the job's control actor for a stop request (cancel,
+Under Ray Train, torch.distributed (gloo on CPU, NCCL on GPU) is initialised when
+`train_on_rank` starts; a one-rank job in a warm actor calls `run_rank` directly. Each rank polls the job's control actor for a stop request (cancel,
 shutdown, lease lost); rank 0 also reports metrics and events through a `Reporter` and writes the
 run's outcome to the control actor. The checkpoint lives at ``<checkpoint_dir>/checkpoint.pt``
 (shared storage): a restarted worker group, or the job's next attempt, resumes from it.
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 
 from worker.control import LEASE_LOST, NAMESPACE, StopFlag
 
@@ -37,13 +36,22 @@ def _rank_device() -> str:
 
 def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    # The GPU Ray Train assigned to this rank (CPU when the job has none).
+    return run_rank(spec, rank=rank, device=_rank_device())
+
+
+def run_rank(spec: dict[str, Any], *, rank: int, device: str) -> dict[str, Any] | None:
+    """One rank of a job attempt: under Ray Train (`train_on_rank`) or, for a one-rank job, in
+    a warm actor (`worker.warm_pool.WarmRank`, rank 0, no process group)."""
     from service.client import XsamClient
     from worker.reporter import Reporter
     from xsam.config import TrainConfig
     from xsam.errors import XsamError
     from xsam.training import fit
 
-    rank = ray.train.get_context().get_world_rank()
     control = ray.get_actor(spec["control"], namespace=NAMESPACE)
     previous = ray.get(control.outcome.remote())
     if previous is not None and previous.get("status") == "failed":
@@ -97,8 +105,7 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
             on_checkpoint=persist if reporter is not None else None,
             should_stop=lambda: stop.is_set() or (reporter is not None and reporter.lease_lost),
             data_root=spec.get("data_root"),
-            # The GPU Ray Train assigned to this rank (CPU when the job has none).
-            device=_rank_device(),
+            device=device,
             weights_out=spec["weights_out"] if rank == 0 else None,
         )
     except XsamError as exc:

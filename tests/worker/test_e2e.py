@@ -120,23 +120,37 @@ def _train_processes() -> list[tuple[int, str]]:
     return [
         (int(pid), args)
         for pid, args in (r for r in rows if len(r) == 2)
-        if args.startswith(("ray::RayTrainWorker", "ray::TrainController", "ray::JobControl"))
+        if args.startswith(
+            ("ray::RayTrainWorker", "ray::TrainController", "ray::JobControl", "ray::WarmRank")
+        )
     ]
 
 
-def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
-    serve, api, tiny_config, wait_for, wait_terminal
+@pytest.mark.parametrize(
+    ("workers", "rank_process"),
+    [
+        # One rank: a warm actor (worker/warm_pool.py); the job runs again in another one.
+        (1, "ray::WarmRank.run"),
+        # Two ranks: a TorchTrainer; Ray Train restarts the worker group.
+        (2, "ray::RayTrainWorker"),
+    ],
+)
+def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
+    serve, api, tiny_config, wait_for, wait_terminal, workers, rank_process
 ):
     epochs = 25
-    job = api.submit(tiny_config(schedule__epochs=epochs), name="rank-killed")
+    job = api.submit(
+        tiny_config(schedule__epochs=epochs, resources={"num_workers": workers}),
+        name="rank-killed",
+    )
 
     def past_epoch_2():
         progress = api.get_job(job["id"])["progress"] or {}
         return (progress.get("epoch") or 0) >= 2
 
     wait_for(past_epoch_2, 240, 0.3, "two epochs")
-    ranks = [pid for pid, args in _train_processes() if args.startswith("ray::RayTrainWorker")]
-    assert ranks
+    ranks = [pid for pid, args in _train_processes() if args.startswith(rank_process)]
+    assert ranks, _train_processes()
     subprocess.run(["kill", "-9", str(ranks[-1])], check=True)
 
     done = wait_terminal(api, job["id"])
@@ -154,7 +168,9 @@ def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
 def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
     serve_factory, tiny_config, wait_for, wait_terminal
 ):
-    # A server of its own to kill (the shared one, if started, is idle by now).
+    # A server of its own to kill (the shared one, if started, is idle by now, but keeps its
+    # idle warm actors: only the victim's processes must go).
+    others = {pid for pid, _ in _train_processes()}
     victim = serve_factory("killed").start()
     epochs = 20  # long enough that the kill lands mid-run
     with victim.client() as api:
@@ -172,9 +188,16 @@ def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
     # The dead driver's actors (controller, ranks, control actor) are reaped by Ray; a rank
     # that lived on would be fenced by the service (its lease token is stale after requeue).
     try:
-        wait_for(lambda: not _train_processes(), 60, 1, "the killed server's Ray processes")
+        wait_for(
+            lambda: not [p for p, _ in _train_processes() if p not in others],
+            60,
+            1,
+            "the killed server's Ray processes",
+        )
     finally:
         for pid, _ in _train_processes():  # clean up, whatever the assertion said
+            if pid in others:
+                continue
             subprocess.run(["kill", "-9", str(pid)], check=False)
 
     victim.start()
