@@ -215,7 +215,8 @@ class JobRun:
                 if outcome is None and finished:
                     break
                 if outcome is None:
-                    time.sleep(0.5)
+                    # Wakes at once when the call returns, right after rank 0's outcome.
+                    ray.wait([self._actor_call], timeout=0.5)
             if outcome is not None:
                 return self._result(outcome)  # wait_released() hands the actor back
             try:
