@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,12 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import queue
 from service.body_limit import BodySizeLimit
 from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
-from service.deps import AppState
-from service.errors import ServiceError, http_status
+from service.deps import AppState, refuse_unstorable_body
+from service.errors import RateLimited, ServiceError, http_status
 from service.observability import Instruments, RequestTimer
 from service.queue import LeasePolicy
+from service.quotas import SubmitRateLimiter
 from service.routes import agent, health, jobs, studies, tokens
 from service.settings import Settings, get_settings
+from service.storable import printable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,10 @@ def _error(status: int, detail: str, code: str) -> JSONResponse:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return _error(http_status(exc), exc.message, exc.code)
+    response = _error(http_status(exc), exc.message, exc.code)
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -74,32 +79,44 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _json_safe(value: Any) -> Any:
-    # An echoed input may be inf or NaN, which strict JSON cannot carry.
+    # An echoed input may hold inf or NaN, which strict JSON cannot carry, or lone surrogates,
+    # which UTF-8 cannot: written out as text, they can always be rendered.
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {printable(str(k)): _json_safe(v) for k, v in value.items()}
     return value
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    try:
+        return _json_safe(jsonable_encoder(exc.errors()))
+    except Exception:
+        # An input that cannot be echoed (nested too deep, or stranger): leave it out.
+        bare = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        return _json_safe(jsonable_encoder(bare))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     try:
-        errors: list[dict[str, Any]] = _json_safe(jsonable_encoder(exc.errors()))
-    except RecursionError:
-        # An input nested too deep to echo back (the body check refuses it): leave it out.
-        bare = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
-        errors = jsonable_encoder(bare)
-    for item in errors:
-        # A cross-field check names its field at the start of its message ("rho_max: …"):
-        # append it to loc so every error points at a field.
-        match = _FIELD_IN_MESSAGE.match(str(item.get("msg", "")))
-        loc = item.get("loc")
-        if match and isinstance(loc, list) and (not loc or loc[-1] != match[1]):
-            item["loc"] = [*loc, match[1]]
-    return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+        errors = _validation_errors(exc)
+        for item in errors:
+            # A cross-field check names its field at the start of its message ("rho_max: …"):
+            # append it to loc so every error points at a field.
+            match = _FIELD_IN_MESSAGE.match(str(item.get("msg", "")))
+            loc = item.get("loc")
+            if match and isinstance(loc, list) and (not loc or loc[-1] != match[1]):
+                item["loc"] = [*loc, match[1]]
+        return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
+    except Exception:
+        # The error handler must never fail itself: a 422 without the details beats a 500.
+        log.exception("could not render a validation error")
+        return _error(422, "the request is invalid", "validation_error")
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -137,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_backoff_max_s=settings.retry_backoff_max_s,
         ),
         instruments=Instruments(job_counts),
+        submit_limiter=SubmitRateLimiter(settings.submit_rate_per_minute),
     )
 
     @contextlib.asynccontextmanager
@@ -156,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Submit, watch and cancel XSAM training jobs; agents claim and run them.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unstorable_body)],
     )
     app.state.xsam = state
     for router in (jobs.router, studies.router, agent.router, tokens.router, health.router):

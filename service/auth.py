@@ -25,7 +25,7 @@ from service.db.models import Token
 class Role(StrEnum):
     """What a token may do."""
 
-    #: Submit, read and cancel its own jobs (the owner is the token's name).
+    #: Submit, read and cancel its own jobs (those submitted with this very token).
     USER = "user"
     #: Call /v1/agent/*: claim jobs, heartbeat, ingest, finish.
     AGENT = "agent"
@@ -35,7 +35,7 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the owner name their jobs carry, and their role."""
+    """Who is calling: the name their jobs show, their role, and the token they hold."""
 
     name: str
     role: Role
@@ -44,6 +44,17 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
+
+    @property
+    def owner_key(self) -> str:
+        """The identity that owns what this caller submits: its token's id (names may repeat,
+        ids never do), or ``env:<name>`` for a secret from the API's environment."""
+        return f"token:{self.token_id}" if self.token_id is not None else f"env:{self.name}"
+
+
+#: Token names the service gives its own principals (the admin token file, XSAM_ADMIN_TOKEN,
+#: XSAM_AGENT_TOKEN): refused for tokens created over the API.
+RESERVED_NAMES = frozenset({"admin", "agent"})
 
 
 def new_secret() -> str:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,7 +16,9 @@ from service.auth import Principal, Role, authenticate
 from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy
+from service.quotas import SubmitRateLimiter
 from service.settings import Settings
+from service.storable import find_unstorable
 
 
 @dataclass
@@ -27,6 +31,7 @@ class AppState:
     reader: sessionmaker[Session]
     policy: LeasePolicy
     instruments: Instruments
+    submit_limiter: SubmitRateLimiter
 
 
 def get_state(request: Request) -> AppState:
@@ -65,7 +70,16 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
-def get_principal(request: Request, state: StateDep) -> Principal:
+#: Declares the bearer scheme in the OpenAPI document (the header is parsed below, so that
+#: every failure is our own 401 body).
+bearer_scheme = HTTPBearer(auto_error=False, description="an xsam_... token")
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -101,3 +115,23 @@ def get_admin(principal: OwnerDep) -> Principal:
 
 AgentDep = Annotated[Principal, Depends(get_agent)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def refuse_unstorable_body(request: Request) -> None:
+    """Refuse a JSON body holding what could not be stored and served back (422 at the field).
+
+    An app-wide dependency, so every route's body is checked, whatever its model, before the
+    model validates it. FastAPI has already parsed the body (``request.json()`` is cached).
+    """
+    if request.method not in ("POST", "PUT", "PATCH") or not await request.body():
+        return
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: FastAPI answers that itself
+    found = find_unstorable(body)
+    if found is not None:
+        path, why = found
+        raise RequestValidationError(
+            [{"type": "unstorable_value", "loc": ("body", *path), "msg": why, "input": None}]
+        )

@@ -40,6 +40,28 @@ class PermissionDenied(ServiceError):
     code = "forbidden"
 
 
+class PriorityNotAllowed(PermissionDenied):
+    """This token's role may not ask for that priority."""
+
+    code = "priority_not_allowed"
+
+
+class QuotaExceeded(ServiceError):
+    """A quota is used up; the message says which and what frees it."""
+
+    code = "quota_exceeded"
+
+
+class RateLimited(ServiceError):
+    """Too many requests; retry after ``retry_after`` seconds (the Retry-After header)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class JobNotFound(ServiceError):
     """No such job."""
 
@@ -94,6 +116,18 @@ class JobAlreadyFinished(ServiceError):
     code = "job_finished"
 
 
+class IdempotencyKeyReused(ServiceError):
+    """This Idempotency-Key was already used for a different request; use a new key."""
+
+    code = "idempotency_key_reused"
+
+
+class TokenNameTaken(ServiceError):
+    """A token that is not revoked already has this name; revoke it first or pick another."""
+
+    code = "token_name_taken"
+
+
 class LeaseLost(ServiceError):
     """The lease is not (or no longer) held: the job was requeued, reclaimed or finished."""
 
@@ -117,11 +151,15 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     TokenNotFound: 404,
     ArtifactNotFound: 404,
     JobAlreadyFinished: 409,
+    IdempotencyKeyReused: 409,
+    TokenNameTaken: 409,
     StudyAlreadyFinished: 409,
     LeaseLost: 409,
     PayloadTooLarge: 413,
     StudyInvalid: 422,
     StudyTooLarge: 422,
+    QuotaExceeded: 429,
+    RateLimited: 429,
 }
 
 

@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from service.db.models import Metric
 from service.events import dialect_insert
 
+#: Largest step (the BIGINT column's maximum).
+MAX_BIGINT = 2**63 - 1
 #: Rows per INSERT: well under SQLite's bound-parameter limit.
 _CHUNK = 1000
 
@@ -159,12 +161,22 @@ def query(
 def _buckets(
     session: Session, job_id: int, name: str, where: list[Any], lo: int, hi: int, n: int
 ) -> list[dict[str, Any]]:
-    # Bucket b holds steps with (step - lo) * n // span == b: at most n buckets of equal width.
-    # Integers inlined (not bound) so PostgreSQL sees the same expression in SELECT and GROUP BY.
-    lo_, n_, span = (literal_column(str(int(v))) for v in (lo, n, hi - lo + 1))
-    # Plain "/" on integers is integer division on both backends (SQLAlchemy's "//" would wrap
-    # it in FLOOR(), a float, on PostgreSQL).
-    bucket = ((Metric.step - lo_) * n_).op("/")(span).label("bucket")
+    # Bucket b holds steps with (step - lo) // width == b, width = ceil(span / n): at most n
+    # buckets of equal width. Dividing by the width (not multiplying by n first) keeps every
+    # intermediate within the steps' own range: (step - lo) * n overflowed BIGINT on
+    # PostgreSQL and silently became a float on SQLite (four buckets for max_points=1).
+    span = hi - lo + 1  # up to 2**63: Python computes it, the database never sees it
+    width = -(-span // n)
+    if width > MAX_BIGINT:  # only for n == 1 over the whole step range: one bucket
+        # (an expression, not a bare 0, which GROUP BY would read as a column position)
+        bucket = (Metric.step * literal_column("0")).label("bucket")
+    else:
+        # Integers inlined (not bound) so PostgreSQL sees the same expression in SELECT and
+        # GROUP BY. Plain "/" on integers is integer division on both backends (SQLAlchemy's
+        # "//" would wrap it in FLOOR(), a float, on PostgreSQL).
+        lo_, width_ = literal_column(str(int(lo))), literal_column(str(int(width)))
+        # self_group(): a custom operator would not parenthesise its left side by itself.
+        bucket = (Metric.step - lo_).self_group().op("/")(width_).label("bucket")
     if session.get_bind().dialect.name == "postgresql":
         # At most n groups: hashing them is always right, but a planner with stale statistics
         # (a freshly ingested series) would sort the whole series instead. The penalty that

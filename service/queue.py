@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from service.db.engine import db_now
 from service.db.models import Job, JobTag
-from service.errors import JobAlreadyFinished, JobNotFound, LeaseLost
+from service.errors import IdempotencyKeyReused, JobAlreadyFinished, JobNotFound, LeaseLost
 from service.events import record_event
 from xsam.config import TrainConfig
 
@@ -72,28 +73,50 @@ def enqueue(
     *,
     owner: str,
     config: TrainConfig,
+    owner_key: str | None = None,
     name: str | None = None,
     priority: int = 0,
     max_attempts: int = 3,
     tags: list[str] | None = None,
     idempotency_key: str | None = None,
+    idempotency_ttl: timedelta = timedelta(hours=24),
+    admit: Callable[[], None] | None = None,
     study_id: int | None = None,
     cell: str | None = None,
 ) -> tuple[Job, bool]:
-    """Add a job; returns (job, created). The same owner + idempotency key gives the same job.
+    """Add a job owned by `owner_key` (default ``name:<owner>``); returns (job, created).
 
-    `study_id` and `cell` tie a job to the study that expanded into it (service/studies.py).
+    The same owner + idempotency key within `idempotency_ttl` of the first submit gives the
+    same job if the submission is the same, and raises `IdempotencyKeyReused` if it differs
+    (a client reusing a key by mistake must not get someone else's config back). After the
+    ttl the key is taken off the old job and names the new one. `admit` is called before a
+    new job is created (not for a replay): the quotas raise from it. `study_id` and `cell`
+    tie a job to the study that expanded into it (service/studies.py).
     """
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session, owner, idempotency_key)
-        if existing is not None:
-            return existing, False
+    owner_key = owner_key or f"name:{owner}"
     now = db_now(session)
+    submission = {
+        "name": name,
+        "config": config.model_dump(mode="json"),
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "tags": sorted(set(tags or [])),
+    }
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, owner_key, idempotency_key)
+        if existing is not None and existing.created_at <= now - idempotency_ttl:
+            existing.idempotency_key = None  # expired: the key is free again
+            session.flush()
+        elif existing is not None:
+            return _same_submission(existing, submission), False
+    if admit is not None:
+        admit()
     job = Job(
         name=name,
         owner=owner,
+        owner_key=owner_key,
         status=JobStatus.QUEUED.value,
-        config=config.model_dump(mode="json"),
+        config=submission["config"],
         priority=priority,
         cpus=config.resources.total_cpus,
         gpus=config.resources.total_gpus,
@@ -112,37 +135,75 @@ def enqueue(
             session.add(job)
             session.flush()
     except IntegrityError:
-        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        existing = _by_idempotency_key(session, owner_key, idempotency_key or "")
         if existing is None:
             raise
-        return existing, False
+        return _same_submission(existing, submission), False
     record_event(session, job.id, "queued", f"submitted by {owner}", now=now)
     return job, True
 
 
-def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
-    stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+def _same_submission(job: Job, submission: dict[str, Any]) -> Job:
+    """`job` if it was submitted as `submission` (a replay), else `IdempotencyKeyReused`."""
+    stored = {
+        "name": job.name,
+        "config": job.config,
+        "priority": job.priority,
+        "max_attempts": job.max_attempts,
+        "tags": job.tags,
+    }
+    if stored != submission:
+        differs = ", ".join(k for k in submission if stored[k] != submission[k])
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {job.idempotency_key!r} was used for job {job.id} with a different"
+            f" {differs}; send the same request to get that job, or use a new key"
+        )
+    return job
+
+
+def _by_idempotency_key(session: Session, owner_key: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.owner_key == owner_key, Job.idempotency_key == key)
     return session.scalars(stmt).first()
 
 
 def claim_next(
-    session: Session, *, agent_id: str, cpus: float, gpus: int, policy: LeasePolicy
+    session: Session,
+    *,
+    agent_id: str,
+    cpus: float,
+    gpus: int,
+    policy: LeasePolicy,
+    max_running_gpus_per_owner: int = 0,
 ) -> Job | None:
     """Claim the highest-priority, oldest queued job that fits (`cpus`, `gpus`), or None.
 
     One statement: the candidate is locked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (so
     concurrent claimers pass over each other's rows); SQLite's ``BEGIN IMMEDIATE`` serialises
     writers instead. The attempt counter, a fresh lease token and the lease deadline are
-    written into the row in the same statement.
+    written into the row in the same statement. With `max_running_gpus_per_owner` > 0, a GPU
+    job whose owner already runs that many GPUs is passed over (its owner's other jobs wait;
+    everyone else's are claimed). On PostgreSQL two agents claiming at once may each see the
+    owner below the limit: the limit can be exceeded by one claim's worth, never more.
     """
     now = db_now(session)
+    fits = [Job.cpus <= cpus, Job.gpus <= gpus]
+    if max_running_gpus_per_owner > 0:
+        running = Job.__table__.alias("running")
+        owner_gpus = (
+            select(func.coalesce(func.sum(running.c.gpus), 0))
+            .where(
+                running.c.owner_key == Job.owner_key,
+                running.c.status == JobStatus.RUNNING.value,
+            )
+            .scalar_subquery()
+        )
+        fits.append(or_(Job.gpus == 0, owner_gpus + Job.gpus <= max_running_gpus_per_owner))
     candidate = (
         select(Job.id)
         .where(
             Job.status == JobStatus.QUEUED.value,
             or_(Job.not_before.is_(None), Job.not_before <= now),
-            Job.cpus <= cpus,
-            Job.gpus <= gpus,
+            *fits,
         )
         .order_by(Job.priority.desc(), Job.id)
         .limit(1)

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from service.auth import RESERVED_NAMES
 from service.db.models import Job
+from service.storable import find_unstorable
 from xsam.config import TrainConfig
 
 #: Largest value of a 64-bit column (ids, steps) and of a 32-bit one (epochs): a larger number
@@ -29,34 +31,6 @@ def _as_utc(value: datetime) -> datetime:
 UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
-#: Deepest nesting of objects and lists a request body may have (configs and event data are
-#: shallow; serialising a much deeper one to the JSON columns would fail).
-MAX_DEPTH = 32
-
-
-def _unstorable(value: Any) -> str | None:
-    """Why the database could not store `value` (a parsed JSON body), or None."""
-    # Level by level, not recursive: a deeply nested body must be a 422, not a RecursionError.
-    level = [value]
-    for depth in range(MAX_DEPTH + 1):
-        below: list[Any] = []
-        for item in level:
-            kind = type(item)  # parsed JSON: exactly str, dict, list or a scalar
-            if kind is str:
-                if "\x00" in item:
-                    return "text must not contain NUL (\\u0000) characters"
-            elif kind is dict or kind is list:
-                if depth == MAX_DEPTH:
-                    return f"objects and lists must not nest deeper than {MAX_DEPTH} levels"
-                below.extend(item)
-                if kind is dict:
-                    below.extend(item.values())
-        if not below:
-            break
-        level = below
-    return None
-
-
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,10 +41,13 @@ class _Body(_In):
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:
-        # PostgreSQL text and JSON cannot hold NUL; refuse it on every backend alike.
-        why = _unstorable(data)
-        if why is not None:
-            raise ValueError(why)
+        # Over HTTP the app's body check (service.deps) has already refused these with the
+        # exact field in ``loc``; this keeps the models safe wherever else they are used.
+        found = find_unstorable(data)
+        if found is not None:
+            path, why = found
+            where = ".".join(str(p) for p in path)
+            raise ValueError(f"{where}: {why}" if where else why)
         return data
 
 
@@ -228,8 +205,18 @@ class EventsPublic(BaseModel):
 # --- tokens ----------------------------------------------------------------------------------
 
 
+def _not_reserved(name: str) -> str:
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved for the service's own tokens")
+    return name
+
+
 class TokenCreate(_Body):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$"),
+        AfterValidator(_not_reserved),
+    ]
     role: Literal["user", "agent", "admin"] = "user"
 
 
@@ -258,8 +245,9 @@ class TokensPublic(BaseModel):
 
 
 class Capacity(_In):
-    cpus: float = Field(ge=0)
-    gpus: int = Field(ge=0)
+    # Compared with the jobs' FLOAT and INTEGER columns in the claim query: bounded to fit.
+    cpus: float = Field(ge=0, le=MAX_INT, allow_inf_nan=False)
+    gpus: int = Field(ge=0, le=MAX_INT)
 
 
 class ClaimRequest(_Body):
@@ -335,3 +323,34 @@ class EventsIngest(_Body):
 class IngestPublic(BaseModel):
     received: int
     inserted: int
+
+
+# --- error bodies, for the OpenAPI document ---------------------------------------------------
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: FastAPI's list of errors, each with the ``loc`` of its field, and a code."""
+
+    detail: list[dict[str, Any]]
+    code: str
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request (e.g. an invalid cursor, or a body nested too deep to parse)",
+    401: "No bearer token, or an unknown or revoked one",
+    403: "The token's role may not do that",
+    404: "No such resource, or not the caller's",
+    409: "Conflicts with the current state (finished job, lost lease, reused key, taken name)",
+    413: "The body or the batch is too large",
+    429: "A quota or the submit rate is exceeded (rate: see Retry-After)",
+    503: "The database is busy or unreachable; retry (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the ``{detail, code}`` body."""
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorPublic, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses
+    }
+    out[422] = {"model": ValidationErrorPublic, "description": "A field is invalid (see loc)"}
+    return out

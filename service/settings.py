@@ -46,6 +46,31 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="requeue delay after attempt n: backoff * 2**(n-1)"
     )
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    idempotency_key_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="an Idempotency-Key names its job this long; then it may name a new one",
+    )
+    max_queued_jobs_per_user: int = Field(
+        default=200, ge=0, description="queued jobs one user token may have (admins: no limit)"
+    )
+    max_user_priority: int = Field(
+        default=10, ge=-1000, le=1000, description="highest priority a user token may ask for"
+    )
+    max_running_gpus_per_user: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="GPUs one owner's running jobs may hold; claim passes over the rest; 0: off",
+    )
+    submit_rate_per_minute: float = Field(
+        default=60.0,
+        ge=0,
+        description="submits a minute per user token, in bursts up to it; 0: off",
+    )
+    max_options_bytes: int = Field(
+        default=64 * 1024, gt=0, description="size cap of config.model/data.options as JSON"
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_ingest_points: int = Field(default=5000, gt=0)
     max_ingest_events: int = Field(default=1000, gt=0)

@@ -7,6 +7,7 @@ Each function runs inside the transaction its caller opens, like service/queue.p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,15 @@ from service.study_schemas import StudyCellPublic, StudyCounts, StudyCreate, Stu
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-def create_study(session: Session, *, owner: str, spec: StudyCreate, max_jobs: int) -> Study:
+def create_study(
+    session: Session,
+    *,
+    owner: str,
+    spec: StudyCreate,
+    max_jobs: int,
+    owner_key: str | None = None,
+    admit: Callable[[], None] | None = None,
+) -> Study:
     """Validate and expand `spec`, then store the study and its jobs, seed-major.
 
     Nothing is written unless every cell is valid (the caller's transaction holds it all).
@@ -51,6 +60,8 @@ def create_study(session: Session, *, owner: str, spec: StudyCreate, max_jobs: i
         queue.enqueue(
             session,
             owner=owner,
+            owner_key=owner_key,
+            admit=admit,
             config=p.config,
             name=f"{label}/{p.cell.key}/seed={p.seed}"[:200],
             priority=spec.priority,

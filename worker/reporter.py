@@ -34,6 +34,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _json_numbers(value: Any) -> Any:
+    """`value` with NaN/±inf written as null: JSON has no such numbers, and the service refuses
+    a batch holding them (422), so a diverged α probe loss must not cost the whole batch."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_numbers(v) for v in value]
+    return value
+
+
 class Reporter:
     """Batch fit() records to ``POST /v1/agent/jobs/{id}/metrics|events`` with a lease token.
 
@@ -108,7 +120,7 @@ class Reporter:
                 event = {
                     "type": record["type"],
                     "message": record.get("message", ""),
-                    "data": record.get("data") or {},
+                    "data": _json_numbers(record.get("data") or {}),
                     "time": now,
                 }
                 if record.get("key"):

@@ -15,18 +15,82 @@ import json
 import math
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
-MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d")
+MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d", "densenet121")
 #: Names the data set registry (xsam/data.py) must provide; a test keeps the two in step.
-DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic", "tiny_imagenet")
 OPTIMIZER_NAMES = ("sgd", "sgd+", "sam", "xsam")
 #: The α search evaluates the loss once per grid point; more than this is a mistake, not a plan.
 MAX_ALPHA_PROBES = 1000
 MAX_EPOCHS = 10_000
+#: Largest count or size (batch size, samples, step intervals): a 32-bit integer, so no size
+#: reaches torch or a database column as something it cannot hold.
+MAX_COUNT = 2**31 - 1
+#: Largest value of a real-valued setting (learning rate, ρ, α_max, CPUs per worker): far
+#: beyond any sensible run, and small enough that the arithmetic validation does with them
+#: (2·ρ, workers × CPUs, α_max / Δα) stays finite.
+MAX_REAL = 1e9
+
+
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form options must survive a JSON round trip: no NaN/Infinity, no lone surrogates.
+
+    (Pydantic would dump NaN as null, and a lone surrogate cannot be encoded at all.)
+    """
+    todo: list[tuple[str, Any]] = [("", value)]
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where or 'value'} must be a finite number (got {item})")
+        texts = [item] if isinstance(item, str) else []
+        if isinstance(item, dict):
+            texts += [k for k in item if isinstance(k, str)]
+            todo += [(f"{where}[{k!r}]", v) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+        for text in texts:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"{where or 'value'}: text must not contain lone UTF-16 surrogates"
+                    ) from None
+    return value
+
+
+#: Free-form keyword arguments: any JSON object, as long as it can be written back as JSON.
+JSONObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
+
+
+def _count(v: int, *, low: int = 1, when: str = "") -> int:
+    """`v` if it is in [`low`, `MAX_COUNT`]."""
+    if v < low:
+        raise ValueError(f"must be >= {low}{when} (got {v})")
+    if v > MAX_COUNT:
+        raise ValueError(f"must be <= {MAX_COUNT}{when} (got {v})")
+    return v
+
+
+def _real(v: float, *, low: float, low_open: bool) -> float:
+    """`v` if finite, above `low` (or at it, unless `low_open`) and at most `MAX_REAL`."""
+    below = v <= low if low_open else v < low
+    if not math.isfinite(v) or below or v > MAX_REAL:
+        bound = "> " if low_open else ">= "
+        raise ValueError(f"must be a finite number {bound}{low:g} and <= {MAX_REAL:g} (got {v})")
+    return v
 
 
 class _Strict(BaseModel):
@@ -37,7 +101,7 @@ class ModelConfig(_Strict):
     """Which network to train. Its input shape and class count come from the data set."""
 
     name: str = Field(description=f"one of {', '.join(MODEL_NAMES)}")
-    options: dict[str, Any] = Field(
+    options: JSONObject = Field(
         default_factory=dict, description="model-specific keyword arguments (e.g. width, depth)"
     )
 
@@ -47,6 +111,15 @@ class ModelConfig(_Strict):
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}; known: {', '.join(MODEL_NAMES)}")
         return v
+
+    @model_validator(mode="after")
+    def _declared_options(self) -> ModelConfig:
+        from xsam.option_specs import MODEL_OPTIONS, option_problems
+
+        problems = option_problems(MODEL_OPTIONS[self.name], self.options)
+        if problems:
+            raise ValueError(f"options: {'; '.join(problems)}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -58,9 +131,15 @@ class DataConfig(_Strict):
         description="directory relative to the data root (no absolute paths, no '..')",
     )
     batch_size: int = Field(default=125, description="per-step global batch size")
-    augment: bool = Field(default=True, description="crop+flip+Cutout for images; ignored for 1-D")
+    augment: bool = Field(
+        default=True, description="crop+flip+Cutout(p=0.5) for 32×32 images; ignored otherwise"
+    )
     num_train: int | None = Field(default=None, description="train on the first N samples only")
-    options: dict[str, Any] = Field(
+    label_noise: float = Field(
+        default=0.0,
+        description="fraction of training labels swapped for another class, fixed by the seed",
+    )
+    options: JSONObject = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
     val_fraction: float = Field(
@@ -78,6 +157,22 @@ class DataConfig(_Strict):
     def _known_dataset(cls, v: str) -> str:
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _declared_options(self) -> DataConfig:
+        from xsam.option_specs import DATASET_OPTIONS, option_problems
+
+        problems = option_problems(DATASET_OPTIONS[self.name], self.options)
+        if problems:
+            raise ValueError(f"options: {'; '.join(problems)}")
+        return self
+
+    @field_validator("label_noise")
+    @classmethod
+    def _label_noise(cls, v: float) -> float:
+        if not 0 <= v < 1:  # NaN fails this too
+            raise ValueError(f"must be in [0, 1) (got {v})")
         return v
 
     @field_validator("root")
@@ -102,16 +197,12 @@ class DataConfig(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1 (got {v})")
-        return v
+        return _count(v)
 
     @field_validator("num_train")
     @classmethod
     def _num_train(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1 when given (got {v})")
-        return v
+        return None if v is None else _count(v, when=" when given")
 
 
 class OptimizerConfig(_Strict):
@@ -140,9 +231,7 @@ class OptimizerConfig(_Strict):
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"must be a finite number > 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=True)
 
     @field_validator("momentum")
     @classmethod
@@ -154,16 +243,12 @@ class OptimizerConfig(_Strict):
     @field_validator("weight_decay")
     @classmethod
     def _wd(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"must be >= 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=False)
 
     @field_validator("rho")
     @classmethod
     def _rho(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"must be >= 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=False)
 
     @field_validator("steps")
     @classmethod
@@ -182,30 +267,35 @@ class OptimizerConfig(_Strict):
     @field_validator("alpha_max")
     @classmethod
     def _alpha_max(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"must be > 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=True)
 
     @field_validator("alpha_delta")
     @classmethod
     def _alpha_delta(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"must be > 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=True)
 
     @field_validator("search_every")
     @classmethod
     def _search_every(cls, v: str | int) -> str | int:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f'must be "epoch" or a step count >= 1 (got {v})')
+        if isinstance(v, int) and not 1 <= v <= MAX_COUNT:
+            raise ValueError(f'must be "epoch" or a step count in [1, {MAX_COUNT}] (got {v})')
         return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> OptimizerConfig:
         if self.rho_max is not None and (
-            not math.isfinite(self.rho_max) or self.rho_max < self.rho
+            not math.isfinite(self.rho_max) or not self.rho <= self.rho_max <= MAX_REAL
         ):
-            raise ValueError(f"rho_max: must be >= rho ({self.rho}) (got {self.rho_max})")
+            raise ValueError(
+                f"rho_max: must be >= rho ({self.rho}) and <= {MAX_REAL:g} (got {self.rho_max})"
+            )
+        # Compare the ratio before counting: a tiny alpha_delta makes it overflow to inf.
+        ratio = self.alpha_max / self.alpha_delta
+        if not ratio < MAX_ALPHA_PROBES:
+            raise ValueError(
+                f"alpha_delta: alpha_max/alpha_delta is {ratio:g}: more than "
+                f"{MAX_ALPHA_PROBES} α probes (got {self.alpha_delta})"
+            )
         probes = alpha_probe_count(self.alpha_max, self.alpha_delta)
         if probes > MAX_ALPHA_PROBES:
             raise ValueError(
@@ -227,8 +317,14 @@ class OptimizerConfig(_Strict):
 
 
 def alpha_probe_count(alpha_max: float, alpha_delta: float) -> int:
-    """Grid points 0, Δα, …, α_max (inclusive, robust to float rounding)."""
-    return math.floor(alpha_max / alpha_delta + 1e-9) + 1
+    """Grid points 0, Δα, …, α_max (inclusive, robust to float rounding).
+
+    Raises ValueError when the ratio is not a finite number (e.g. Δα = 5e-324).
+    """
+    ratio = alpha_max / alpha_delta + 1e-9
+    if not math.isfinite(ratio):
+        raise ValueError(f"alpha_max/alpha_delta is not finite ({alpha_max}/{alpha_delta})")
+    return math.floor(ratio) + 1
 
 
 class ScheduleConfig(_Strict):
@@ -282,9 +378,7 @@ class ResourcesConfig(_Strict):
     @field_validator("cpus_per_worker")
     @classmethod
     def _cpus(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"must be > 0 (got {v})")
-        return v
+        return _real(v, low=0, low_open=True)
 
     @property
     def total_cpus(self) -> float:
@@ -306,14 +400,30 @@ class TrainConfig(_Strict):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(default=1, description="evaluate on the test split every N epochs")
-    log_every: int = Field(default=10, description="report train metrics every N steps")
+    log_every: int = Field(
+        default=10,
+        description="read the train statistics back, report them and poll for stop/divergence "
+        "every N steps",
+    )
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="under DDP, BatchNorm normalises with the statistics of the global batch "
+        "(CUDA only)",
+    )
+    cudnn_benchmark: bool = Field(
+        default=False, description="let cuDNN pick the fastest convolution algorithms (CUDA only)"
+    )
+    compile_model: bool = Field(default=False, description="wrap the model in torch.compile")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="capture each non-search training step in a CUDA graph and replay it "
+        "(one GPU, no DDP, not with compile_model)",
+    )
 
     @field_validator("eval_every", "log_every")
     @classmethod
     def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1 (got {v})")
-        return v
+        return _count(v)
 
     @field_validator("seed")
     @classmethod
@@ -321,6 +431,38 @@ class TrainConfig(_Strict):
         if not 0 <= v < 2**63:
             raise ValueError(f"must be in [0, 2**63) (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _cuda_graphs_supported(self) -> TrainConfig:
+        if not self.cuda_graphs:
+            return self
+        if not self.resources.use_gpu:
+            raise ValueError("cuda_graphs: needs resources.use_gpu: true (a CUDA feature)")
+        if self.resources.num_workers > 1:
+            raise ValueError(
+                f"cuda_graphs: one GPU only (got resources.num_workers "
+                f"{self.resources.num_workers}); DDP's all-reduce in every backward is not "
+                "captured"
+            )
+        if self.compile_model:
+            raise ValueError(
+                "cuda_graphs: not with compile_model (torch.compile's mode='reduce-overhead' "
+                "is its own CUDA-graph path); pick one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        # Splitting unevenly would silently train on a smaller batch at the same learning rate.
+        ranks, batch = self.resources.num_workers, self.data.batch_size
+        if batch % ranks:
+            lower, upper = batch - batch % ranks, batch + ranks - batch % ranks
+            raise ValueError(
+                f"data.batch_size: must be divisible by resources.num_workers ({ranks}) so "
+                f"that every rank takes the same share of the global batch (got {batch}; "
+                f"e.g. {lower or upper} or {upper})"
+            )
+        return self
 
 
 def describe_errors(error: ValidationError) -> list[str]:

@@ -12,17 +12,27 @@ Registered data sets (``data.name``), read from ``<data root>/<data.root>``:
 - ``digits`` — scikit-learn's 8×8 digits, a fixed stratified 80/20 split; no options.
 - ``cifar10`` / ``cifar100`` — the standard python-pickle directories ``cifar-10-batches-py``
   (``data_batch_1..5``, ``test_batch``) and ``cifar-100-python`` (``train``, ``test``); no options.
+- ``tiny_imagenet`` — the standard ``tiny-imagenet-200`` directory (`xsam.tiny_imagenet`),
+  resized to 32×32 like the authors' code; option ``size`` (32).
 - ``synthetic`` — Gaussian class clusters of any shape; options ``shape`` ([3, 32, 32]),
   ``num_classes`` (10), ``num_train`` (512), ``num_test`` (128), ``seed`` (0).
 
 The data root is the ``data_root`` argument, else ``$XSAM_DATA_ROOT``, else
 ``~/.cache/xsam/data``.
+
+Images from pixels (CIFAR, Tiny-ImageNet) are stored normalised with their per-channel mean and
+std; `Dataset.pad_value` remembers where black lies, so the crop pads with black as the
+reference does before normalising (`xsam.augment`). ``data.label_noise`` = p replaces each
+training label, with probability p, by a uniformly drawn *other* class ("symmetric" noise,
+`xsam.label_noise`), from a generator seeded by the run's seed: every rank and every retry sees
+the same noisy labels, and the test labels stay clean.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -35,13 +45,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from xsam.augment import augment_images
 from xsam.errors import ConfigurationError, DataError
+from xsam.label_noise import symmetric_label_noise
+from xsam.tiny_imagenet import STATS as _TINY_IMAGENET_STATS
+from xsam.tiny_imagenet import load_tiny_imagenet
 from xsam.val_split import hold_out
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DATA_ROOT = "~/.cache/xsam/data"
-_CIFAR_STATS = {
+#: Per-channel (mean, std) of the data sets stored as normalised pixels.
+_PIXEL_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny_imagenet": _TINY_IMAGENET_STATS,
 }
 
 
@@ -55,8 +73,13 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    #: Train batches get random crop (pad 4) + horizontal flip + Cutout(16): 32×32 images only.
+    #: Train batches get random crop (pad 4) + horizontal flip + Cutout(16, p=0.5): 32×32 only.
     augment: bool = False
+    #: The stored value of a black pixel per channel (-mean/std), what the crop pads with;
+    #: 0 for data sets that are not normalised pixels.
+    pad_value: float | tuple[float, ...] = 0.0
+    #: The fraction of training labels that ``label_noise`` actually changed.
+    label_noise_fraction: float = 0.0
     #: The held-out part of the training set (``data.val_fraction``; see xsam/val_split.py).
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
@@ -64,6 +87,10 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def augment_batch(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training augmentation of this data set (`augment_images` with its pad value)."""
+        return augment_images(x, generator, pad_value=self.pad_value)
 
     def to(self, device: torch.device | str) -> Dataset:
         return replace(
@@ -87,36 +114,55 @@ def load_dataset(
     *,
     data_root: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
+    label_noise: float | None = None,
+    noise_seed: int | None = None,
     **options: Any,
 ) -> Dataset:
     """Load a registered data set onto ``device`` (CPU by default).
 
     ``config_or_name`` is a data set name, a `DataConfig`, or a `TrainConfig` (its ``data``):
-    a config contributes ``root``, ``options``, ``num_train``, ``augment`` and the validation
-    split (``val_fraction`` of the first ``num_train`` samples, chosen by ``val_seed``).
+    a config contributes ``root``, ``options``, ``num_train``, ``augment``, ``label_noise`` and
+    the validation split (``val_fraction`` of the first ``num_train`` samples, chosen by
+    ``val_seed``), and a `TrainConfig` its ``seed`` as the noise seed. ``label_noise`` and
+    ``noise_seed`` given here override the config's.
     """
-    subdir, num_train, augment, val_fraction, val_seed = "", None, True, 0.0, 0
+    subdir, num_train, augment, noise, seed = "", None, True, 0.0, 0
+    val_fraction, val_seed = 0.0, 0
     if isinstance(config_or_name, str):
         name = config_or_name
     else:
         data_config = getattr(config_or_name, "data", config_or_name)
         name, subdir = data_config.name, data_config.root
         num_train, augment = data_config.num_train, data_config.augment
+        noise, seed = data_config.label_noise, getattr(config_or_name, "seed", 0)
         val_fraction, val_seed = data_config.val_fraction, data_config.val_seed
         options = {**data_config.options, **options}
+    noise = noise if label_noise is None else label_noise
+    seed = seed if noise_seed is None else noise_seed
+    if not 0.0 <= noise < 1.0:
+        raise ConfigurationError(f"data.label_noise: must be in [0, 1) (got {noise})")
     if name not in DATASETS:
         raise ConfigurationError(
             f"data.name: unknown data set {name!r}; known: {', '.join(DATASETS)}"
         )
     directory = resolve_data_root(data_root) / subdir
     x_train, y_train, x_test, y_test, num_classes = DATASETS[name](directory, **options)
+    y_train = torch.as_tensor(y_train, dtype=torch.int64)
+    # Before num_train: a sample's noisy label does not depend on how many samples are used.
+    y_train, changed = symmetric_label_noise(y_train, num_classes, noise, seed=seed)
     if num_train is not None:
-        x_train, y_train = x_train[:num_train], y_train[:num_train]
+        x_train, y_train, changed = x_train[:num_train], y_train[:num_train], changed[:num_train]
+    fraction = float(changed.double().mean()) if len(changed) else 0.0
+    if noise > 0:
+        logger.info("%s: label noise %g changed %.4f of the training labels", name, noise, fraction)
+    pad_value: float | tuple[float, ...] = 0.0
+    if name in _PIXEL_STATS:
+        # Exactly the stored value of a black pixel, rounding included.
+        black = _normalise(name, np.zeros((1, len(_PIXEL_STATS[name][0]), 1, 1), np.uint8))
+        pad_value = tuple(black.ravel().tolist())
+    # After label noise and num_train: the held-out samples keep whatever labels they have.
     x_train, y_train, x_val, y_val = hold_out(
-        torch.as_tensor(x_train, dtype=torch.float32),
-        torch.as_tensor(y_train, dtype=torch.int64),
-        val_fraction,
-        seed=val_seed,
+        torch.as_tensor(x_train, dtype=torch.float32), y_train, val_fraction, seed=val_seed
     )
     data = Dataset(
         name=name,
@@ -128,6 +174,8 @@ def load_dataset(
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
         num_classes=num_classes,
         augment=augment and x_train.ndim == 4 and tuple(x_train.shape[2:]) == (32, 32),
+        pad_value=pad_value,
+        label_noise_fraction=fraction,
     )
     return data.to(device) if device is not None else data
 
@@ -250,11 +298,24 @@ def _cifar(name: str, directory: Path, **options: Any):
                 raise DataError(f"{base / file} is not a {name} batch: {exc!r}") from exc
         return np.concatenate(xs), np.concatenate(ys)
 
-    mean, std = (np.asarray(s, dtype=np.float32)[None, :, None, None] for s in _CIFAR_STATS[name])
     (x_train, y_train), (x_test, y_test) = read(train_files), read(test_files)
-    x_train = (x_train.astype(np.float32) / 255.0 - mean) / std
-    x_test = (x_test.astype(np.float32) / 255.0 - mean) / std
-    return x_train, y_train, x_test, y_test, classes
+    return _normalise(name, x_train), y_train, _normalise(name, x_test), y_test, classes
+
+
+def _normalise(name: str, pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` → float32 (pixel/255 - mean) / std per channel."""
+    mean, std = (np.asarray(s, dtype=np.float32)[None, :, None, None] for s in _PIXEL_STATS[name])
+    return (pixels.astype(np.float32) / 255.0 - mean) / std
+
+
+def _tiny_imagenet(directory: Path, **options: Any):
+    _check_options("tiny_imagenet", options, {"size"})
+    size = options.get("size", 32)
+    if not isinstance(size, int) or not 8 <= size <= 64:
+        raise ConfigurationError(f"data.options.size: must be an integer in [8, 64] (got {size!r})")
+    x_train, y_train, x_test, y_test, classes = load_tiny_imagenet(directory, size=size)
+    name = "tiny_imagenet"
+    return _normalise(name, x_train), y_train, _normalise(name, x_test), y_test, classes
 
 
 def _synthetic(
@@ -290,6 +351,7 @@ DATASETS: dict[str, Callable[..., tuple]] = {
     "cifar10": lambda directory, **o: _cifar("cifar10", directory, **o),
     "cifar100": lambda directory, **o: _cifar("cifar100", directory, **o),
     "synthetic": _synthetic_checked,
+    "tiny_imagenet": _tiny_imagenet,
 }
 
 
@@ -327,30 +389,3 @@ def epoch_shard(
     perm = torch.randperm(num_samples, generator=g)
     usable = (num_samples // world_size) * world_size
     return perm[:usable][rank::world_size]
-
-
-def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding 4), horizontal flip and Cutout(16), per sample, on x's device.
-
-    Padding and Cutout fill with 0, i.e. the channel mean of normalised images.
-    """
-    n, _, h, w = x.shape
-    dev = x.device
-    pad = 4
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # (n, h, 1)
-    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # (n, 1, w)
-    batch = torch.arange(n, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(n, generator=generator, device=dev) < 0.5
-    out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    cy = torch.randint(0, h, (n,), generator=generator, device=dev)
-    cx = torch.randint(0, w, (n,), generator=generator, device=dev)
-    ys = torch.arange(h, device=dev)[None, :, None]
-    xs = torch.arange(w, device=dev)[None, None, :]
-    hole = ((ys >= cy[:, None, None] - 8) & (ys < cy[:, None, None] + 8)) & (
-        (xs >= cx[:, None, None] - 8) & (xs < cx[:, None, None] + 8)
-    )
-    return out.masked_fill(hole[:, None, :, :], 0.0).contiguous()

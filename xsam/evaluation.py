@@ -3,7 +3,7 @@
 Metric names: ``test/loss`` and ``test/acc`` are the test set (reported, never used to choose
 anything); ``val/loss`` and ``val/acc`` are the validation set held out of the training set by
 ``data.val_fraction`` (xsam/val_split.py), present only when it is set. Before the validation
-split existed the test set was reported as ``val/*``; migration 0003 renames those stored series.
+split existed the test set was reported as ``val/*``; migration 0004 renames those stored series.
 
 `evaluate` gives the numbers fit() reports; `load_trained` rebuilds a model from a
 ``weights_out`` file (the agent serves it as the job's model artifact), so that
@@ -81,6 +81,19 @@ def evaluate_ranks(model, data, autocast, channels_last, distributed, rank, worl
         values[f"{split}/loss"] = float(sums[2 * i]) / len(y)
         values[f"{split}/acc"] = float(sums[2 * i + 1]) / len(y)
     return values
+
+
+def accuracy_summary(accuracies: list[float]) -> dict[str, float]:
+    """``test/acc_best`` and ``test/acc_last5`` over the evaluations so far, oldest first.
+
+    The paper's authors report the best test accuracy of a run and the mean of its last five
+    evaluations (fewer when there were fewer); with ``eval_every`` N these are evaluations,
+    not epochs.
+    """
+    if not accuracies:
+        raise ValueError("accuracies: need at least one evaluation (got an empty list)")
+    last5 = accuracies[-5:]
+    return {"test/acc_best": max(accuracies), "test/acc_last5": sum(last5) / len(last5)}
 
 
 def evaluate(

@@ -8,14 +8,16 @@ data's shape raises `ModelError`.
 
 - ``resnet18`` / ``resnet50`` — CIFAR-style ResNets (3×3 stem, no max-pool); option ``width``
   (channels of the first stage, default 64).
-- ``vgg11_bn`` — VGG-11 with BatchNorm, CIFAR head (one linear layer); needs H, W >= 32;
-  option ``width`` (default 64).
+- ``vgg11_bn`` — VGG-11 with BatchNorm and the reference head 512→4096→4096→C (ReLU, Dropout);
+  needs H, W >= 32; options ``width`` (64), ``hidden`` (4096), ``dropout`` (0.5).
 - ``wrn16_8`` — WideResNet-16-8 (pre-activation); options ``depth`` (16), ``widen_factor`` (8),
   ``dropout`` (0.0).
 - ``mlp`` — flattens any input; options ``hidden`` (list of widths, default [256, 256]),
   ``batch_norm`` (False).
 - ``cnn1d`` — 1-D CNN with BatchNorm for MNIST-1D (input (1, 40)); options ``channels`` (32),
   ``depth`` (3 strided conv blocks).
+- ``densenet121`` — DenseNet-121 with a 3×3 stem for 32×32 inputs (`xsam.densenet`); option
+  ``growth_rate`` (32).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xsam.densenet import DenseNet
 from xsam.errors import ConfigurationError, ModelError
 
 
@@ -144,7 +147,15 @@ def resnet50(*, input_shape: Sequence[int], num_classes: int, width: int = 64) -
 # --- VGG-11 with BatchNorm ---------------------------------------------------------------
 
 
-def vgg11_bn(*, input_shape: Sequence[int], num_classes: int, width: int = 64) -> nn.Module:
+def vgg11_bn(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int = 64,
+    hidden: int = 4096,
+    dropout: float = 0.5,
+) -> nn.Module:
+    """VGG-11-BN; the head is the reference code's: Linear-ReLU-Dropout twice, then Linear."""
     # Five 2×2 max-pools: a 32×32 image ends as 1×1, anything smaller vanishes.
     c, _, _ = _image_shape("vgg11_bn", input_shape, 32)
     plan: list[int | str] = [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"]
@@ -157,7 +168,13 @@ def vgg11_bn(*, input_shape: Sequence[int], num_classes: int, width: int = 64) -
             out_ch = width * int(item)
             layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU()]
             in_ch = out_ch
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes)]
+    if not 0 <= dropout < 1:
+        raise ConfigurationError(f"model.options.dropout: must be in [0, 1) (got {dropout})")
+    # At 32×32 the pool is a no-op (1×1 already); larger images are averaged down to 8·width.
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [nn.Linear(in_ch, hidden), nn.ReLU(), nn.Dropout(dropout)]
+    layers += [nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(hidden, num_classes))
     return nn.Sequential(*layers)
 
 
@@ -212,6 +229,19 @@ def wrn16_8(
         nn.Linear(in_planes, num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+# --- DenseNet-121 -------------------------------------------------------------------------
+
+
+def densenet121(
+    *, input_shape: Sequence[int], num_classes: int, growth_rate: int = 32
+) -> nn.Module:
+    # Three transitions halve the resolution: 8×8 keeps a 1×1 map for the last block.
+    c, _, _ = _image_shape("densenet121", input_shape, 8)
+    if growth_rate < 1:
+        raise ConfigurationError(f"model.options.growth_rate: must be >= 1 (got {growth_rate})")
+    return DenseNet([6, 12, 24, 16], c, num_classes, growth_rate=growth_rate)
 
 
 # --- MLP and 1-D CNN ---------------------------------------------------------------------
@@ -271,6 +301,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn16_8": wrn16_8,
     "mlp": mlp,
     "cnn1d": cnn1d,
+    "densenet121": densenet121,
 }
 
 

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 
 from xsam.config import MAX_ALPHA_PROBES, alpha_probe_count
+from xsam.nonfinite import zero_unless_finite_
 
 __all__ = ["XSAM"]
 
@@ -54,13 +55,16 @@ class XSAM(Optimizer):
             ℓ ← mean of ℓ over ranks                 (when torch.distributed is initialised)
             α ← the smallest a with the largest ℓ(a)
         θ ← θ₀;   grad ← s·u(α)
+        if s or ‖θ_k − θ₀‖ is not finite: grad ← 0  on the device, no host sync
         base_optimizer.step()                        weight decay and momentum act on s·u(α)
         restore BN running statistics (of ``model``) to their value after the first forward
         return L_clean
 
     Norms, dot products and φ are global over all parameters with a gradient (one flat
     vector), never per layer, and are computed in float32 or the parameter dtype if wider,
-    whatever autocast is doing.
+    whatever autocast is doing. Parameters narrower than float32 (bfloat16, float16) are
+    refused: the ascent step ρ·g/‖g‖ is mostly rounding error in them; keep float32 weights
+    and train under autocast instead.
 
     Args:
         params (iterable): the parameters (or parameter groups) to optimise; must be exactly
@@ -94,7 +98,9 @@ class XSAM(Optimizer):
         last_search_step (int or None): the step (counted like ``steps_taken``, from 1) that
             last asked for an α search.
         last_stats (dict): telemetry of the latest step: ``phi`` (radians), ``grad_norm``
-            (‖g₀‖), ``ascent_grad_norm`` (s = ‖g_k‖), ``clean_loss`` (at θ₀) and
+            (‖g₀‖), ``ascent_grad_norm`` (s = ‖g_k‖), ``finite`` (bool: the update was
+            finite and applied; when false a zero gradient went to the base optimizer, so
+            no NaN/inf reached the weights or momentum), ``clean_loss`` (at θ₀) and
             ``perturbed_loss`` (at θ_k; both None after ``second_step``) as 0-dim tensors, which
             XSAM never reads back to the host (call ``float()`` when logging); ``alpha`` as a
             float; ``probe_alphas`` and ``probe_losses`` (lists of floats) when a search ran.
@@ -136,6 +142,10 @@ class XSAM(Optimizer):
           first minibatch of each epoch or every N steps; ``last_search_step`` survives a
           resume so that a mid-epoch resume neither skips nor repeats a search.
         - Probes returning NaN are ignored by the argmax (α is kept if all are NaN).
+        - A non-finite update (NaN/inf in any gᵢ) is replaced by zero on the device before
+          the base optimizer sees it, so the weights and momentum stay finite; the reference
+          writes the NaN into both. ``last_stats["finite"]`` tells the caller, who decides
+          when to read it back (xsam.training fails the run ``diverged`` at its next read).
 
     Memory: two parameter-sized buffers beyond the base optimizer (θ₀ and the displacement);
     the gradients' own storage is reused for v₁ and the update, and the parameters' for the
@@ -190,6 +200,9 @@ class XSAM(Optimizer):
             raise ValueError(f"foreach: must be a bool or None (got {foreach!r})")
 
         params = list(params)
+        _refuse_narrow_dtypes(
+            p for item in params for p in (item["params"] if isinstance(item, dict) else [item])
+        )
         if isinstance(base_optimizer, Optimizer):
             base = base_optimizer
         elif callable(base_optimizer):
@@ -356,6 +369,9 @@ class XSAM(Optimizer):
             grads, disp, s_over_a * (c1 - c0), s_over_a * c0
         )
         (torch._foreach_copy_ if fe else _copy_each)(params, theta0)
+        # Any NaN/inf in g₀…g_k reaches s or ‖θ_k − θ₀‖; decided on the device, not the host.
+        finite = torch.isfinite(s) & torch.isfinite(disp_norm)
+        zero_unless_finite_(grads, finite)
         self._restore_norm_stats()
         self._ascents = 0
         self._active = []
@@ -367,6 +383,7 @@ class XSAM(Optimizer):
             "alpha": self.alpha,
             "grad_norm": self._grad_norm,
             "ascent_grad_norm": s,
+            "finite": finite,
             "clean_loss": None,
             "perturbed_loss": None,
         }
@@ -432,6 +449,7 @@ class XSAM(Optimizer):
         # A model moved to another device or dtype keeps its Parameter objects: check both.
         key = (*map(id, params), params[0].device, params[0].dtype)
         if key != self._key:
+            _refuse_narrow_dtypes(params)
             self._theta0 = [torch.empty_like(p) for p in params]
             self._disp = [torch.empty_like(p) for p in params]
             self._dtype = functools.reduce(
@@ -654,6 +672,16 @@ def _slerp_coefficients(
     c0 = torch.where(degenerate, 0.0, torch.sin((1 - alpha) * phi) / safe)
     c1 = torch.where(degenerate, 1.0, torch.sin(alpha * phi) / safe)
     return c0, c1
+
+
+def _refuse_narrow_dtypes(params: Iterable[Tensor]) -> None:
+    for i, p in enumerate(params):
+        if p.is_floating_point() and torch.finfo(p.dtype).bits < 32:
+            raise ValueError(
+                f"params: XSAM needs float32 (or wider) parameters; parameter {i} of shape "
+                f"{tuple(p.shape)} is {p.dtype}, in which the ascent step is mostly rounding "
+                "error. Keep float32 weights and use autocast for bf16/fp16 compute"
+            )
 
 
 def _detached(loss: Any) -> Any:

@@ -2,9 +2,14 @@
 
 The loop reads top to bottom (nanoGPT style). Each step: take this rank's next batch, augment
 it on the device, run the optimizer arm (``sgd``: one forward+backward and an SGD step;
-``sgd+``/``sam``/``xsam``: `XSAM.step` with k+1 passes and, when due, the α search), then one
-tiny all-reduce so that every rank agrees on "the loss is not finite" and "stop requested".
-Each epoch ends with the LR scheduler step, an evaluation when due, and a checkpoint.
+``sgd+``/``sam``/``xsam``: `XSAM.step` with k+1 passes and, when due, the α search), and add
+its loss, accuracy and finiteness to device accumulators — no host synchronisation, no
+collective. Every ``log_every`` steps (and at each epoch's end, and at once when a
+single-process run is asked to stop) the window is read back: one host sync and, under DDP,
+one tiny all-reduce so that all ranks agree on "a step was not finite" (→ `DivergedError`
+naming the step) and "stop requested". Each epoch ends with the LR scheduler step, an
+evaluation when due, and a checkpoint, always after a read, so a non-finite step is never
+checkpointed.
 
 The contract (arguments, report records, checkpoints, errors) is docs/internals.md.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -33,8 +39,8 @@ from xsam.checkpoint import (
     set_rng_state,
 )
 from xsam.config import TrainConfig
+from xsam.cuda_graph import GraphedStep
 from xsam.data import (
-    augment_images,
     epoch_shard,
     load_dataset,
     per_rank_batch_size,
@@ -42,9 +48,17 @@ from xsam.data import (
 )
 from xsam.distributed import releases_ddp, wrap_ddp
 from xsam.errors import ConfigurationError, DivergedError
-from xsam.evaluation import evaluate, evaluate_ranks, load_trained, weights_file
+from xsam.evaluation import (
+    accuracy_summary,
+    evaluate,
+    evaluate_ranks,
+    load_trained,
+    weights_file,
+)
 from xsam.models import build_model
+from xsam.nonfinite import all_finite, zero_unless_finite_
 from xsam.schedules import build_scheduler
+from xsam.step_stats import StepStats
 
 __all__ = ["evaluate", "fit", "load_trained"]
 
@@ -87,6 +101,12 @@ def fit(
         emit({"kind": "metrics", "step": step, "epoch": epoch, "values": values})
 
     # --- data, model, optimizer -----------------------------------------------------------
+    if config.data.batch_size % world:
+        # TrainConfig refuses this against resources.num_workers; the launcher may differ.
+        raise ConfigurationError(
+            f"data.batch_size: must be divisible by the {world} ranks (got "
+            f"{config.data.batch_size}); an uneven split would change the batch silently"
+        )
     data = load_dataset(config, data_root=data_root, device=device)
     batch = per_rank_batch_size(config.data.batch_size, world)
     spe = steps_per_epoch(len(data.y_train), config.data.batch_size, world)
@@ -94,28 +114,42 @@ def fit(
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts anyway)
     model = build_model(config, input_shape=data.input_shape, num_classes=data.num_classes)
     model = model.to(device)
+    if rank > 0:
+        # Dropout draws from the global RNG: one shared seed would give every rank the same
+        # masks. Rank 0 keeps the stream a single-process run has.
+        torch.manual_seed(_mix(config.seed, 0, rank))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     channels_last = device.type == "cuda" and data.x_train.ndim == 4
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    autocast = _autocast(config, device)
+    # Autocast's weight cache must be off inside a CUDA-graph capture; the numbers are the same.
+    autocast = _autocast(config, device, cache=not config.cuda_graphs)
 
     ckpt = load_checkpoint(resume_from) if resume_from is not None else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    if distributed and config.sync_batchnorm:
+        model = _sync_batchnorm(model, device)
     # DDP broadcasts rank 0's weights at construction; every pass's backward all-reduces grads.
     net: nn.Module = wrap_ddp(model, device) if distributed else model
+    if config.compile_model:
+        net = torch.compile(net)  # same parameters and buffers: the optimizer sees `model`
     base, opt = _build_optimizer(config, model)
     scheduler = build_scheduler(base, config.schedule)
     arm = config.optimizer.name
     dynamic = arm != "sgd" and config.optimizer.effective_alpha == "dynamic"
+    graphed = _graphed_step(config, device, distributed, world, net, base, opt, autocast, batch)
 
     epoch0, batch0, step, epochs_done = 0, 0, 0, 0
     final: dict[str, float] = {}
+    accuracies: list[float] = []  # test/acc of every evaluation so far, for best and last-5
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch0, batch0, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
         epochs_done, final = ckpt["epochs_completed"], dict(ckpt["metrics"])
+        accuracies = list(ckpt.get("val_accuracies", []))
         rngs = ckpt["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
 
@@ -131,12 +165,15 @@ def fit(
             "world_size": world,
             "device": str(device),
             "num_train": len(data.y_train),
+            "label_noise_fraction": data.label_noise_fraction,
             "num_test": len(data.y_test),
             "num_val": 0 if data.y_val is None else len(data.y_val),
         },
     )
 
     def save_checkpoint(position: tuple[int, int]) -> None:
+        if stats.pending:  # every call site follows a read, which raised on a non-finite step
+            raise RuntimeError(f"checkpoint with {stats.pending} unchecked step(s) at {step}")
         if checkpoint_dir is None:
             return
         # Collective: every rank contributes its RNG state; only rank 0 writes.
@@ -156,6 +193,7 @@ def fit(
             "step": step,
             "epochs_completed": epochs_done,
             "metrics": final,
+            "val_accuracies": accuracies,
             "rng": rngs,
             "config": config.model_dump(mode="json"),
         }
@@ -172,12 +210,13 @@ def fit(
 
     # --- the loop ---------------------------------------------------------------------------
     generator = torch.Generator(device=device)
+    stats = StepStats(device)
     status = "completed"
+    requested = False  # this rank was asked to stop; acted on at the next read
     for epoch in range(epoch0, epochs):
         net.train()
         shard = epoch_shard(len(data.y_train), epoch, seed=config.seed, rank=rank, world_size=world)
         shard = shard.to(device)
-        window = _Window()
         epoch_loss, epoch_count = 0.0, 0
         stop = False
         done = first = batch0 if epoch == epoch0 else 0
@@ -187,46 +226,49 @@ def fit(
             if data.augment:
                 # Seeded by (seed, step, rank): a resumed run augments exactly the same way.
                 generator.manual_seed(_mix(config.seed, step, rank))
-                x = augment_images(x, generator)
+                x = data.augment_batch(x, generator)  # pads black, as the reference does
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             every = config.optimizer.search_every
             search = dynamic and (i == 0 if every == "epoch" else step % every == 0)
 
-            loss, correct = _train_step(net, base, opt, x, y, autocast, search)
+            if graphed is not None:  # replays a captured step, or runs it eagerly when due
+                loss, correct, finite = graphed.step(x, y, search)
+            else:
+                loss, correct, finite = _train_step(net, base, opt, x, y, autocast, search)
             step += 1
             done = i + 1
-
-            # Sync point (one per step): all ranks agree on divergence and on stopping, so
-            # they raise or stop at the same step instead of deadlocking in the next all-reduce.
-            requested = bool(should_stop()) if should_stop is not None else False
-            flags = torch.stack(
-                [
-                    (~torch.isfinite(loss)).float().to(comm),
-                    torch.tensor(float(requested), device=comm),
-                ]
-            )
-            if distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            diverged, stop = (bool(f) for f in flags.tolist())
-            if diverged:
-                raise DivergedError(
-                    f"loss became {float(loss)} at step {step} (epoch {epoch + 1}); "
-                    f"try a smaller optimizer.lr (now {config.optimizer.lr})"
-                )
-
-            loss_value = float(loss)
-            window.add(loss_value, int(correct), len(y))
-            epoch_loss, epoch_count = epoch_loss + loss_value * len(y), epoch_count + len(y)
+            stats.add(loss, correct, len(y), finite, step)  # on the device: no host sync
             if search:
                 _report_search(opt, step, epoch + 1, distributed, world, comm, event, metrics)
-            if step % config.log_every == 0 or done == spe:
-                values = window.values(world, base.param_groups[0]["lr"])
+
+            # should_stop() is a host call, cheap; under DDP the ranks only agree at a read.
+            requested = requested or (bool(should_stop()) if should_stop is not None else False)
+            report_due = step % config.log_every == 0 or done == spe
+            if not (report_due or (requested and not distributed)):
+                continue
+            window = stats.read(stop_requested=requested, distributed=distributed, comm=comm)
+            if window.first_bad_step is not None:
+                bad = window.first_bad_step
+                raise DivergedError(
+                    f"the loss or the update became NaN or infinite at step {bad} (epoch "
+                    f"{(bad - 1) // spe + 1}); try a smaller optimizer.lr (now "
+                    f"{config.optimizer.lr})"
+                )
+            epoch_loss, epoch_count = epoch_loss + window.loss_sum, epoch_count + window.count
+            # Not at a stop between two reports: a resumed run's series stays evenly spaced.
+            if report_due:
+                values = {
+                    "train/loss": window.loss_sum / window.count,
+                    "train/acc": window.correct / window.count,
+                    "lr": float(base.param_groups[0]["lr"]),
+                    "throughput/samples_per_s": window.count * world / window.seconds,
+                }
                 if arm != "sgd":
                     values.update(_xsam_stats(opt))
                 metrics(step, epoch + 1, values)
-                window = _Window()
-            if stop:
+            if window.stop:
+                stop = True
                 break
 
         if epoch_count:
@@ -237,6 +279,8 @@ def fit(
             data_event: dict[str, Any] = {"epoch": epochs_done, "step": step}
             if epochs_done % config.eval_every == 0 or epochs_done == epochs:
                 val = evaluate_ranks(model, data, autocast, channels_last, distributed, rank, world)
+                accuracies.append(val["test/acc"])
+                val.update(accuracy_summary(accuracies))
                 final.update(val)
                 metrics(step, epochs_done, val)
                 data_event.update(val)
@@ -254,6 +298,8 @@ def fit(
             event("stopped", f"stopped at step {step}", {"step": step, "epoch": epoch + 1})
             break
 
+    if graphed is not None:
+        log.info("CUDA graphs: steps by kind %s", graphed.counts)
     summary = {
         "status": status,
         "epochs_completed": epochs_done,
@@ -283,10 +329,10 @@ def _pick_device(config: TrainConfig, device: torch.device | str | None) -> torc
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def _autocast(config: TrainConfig, device: torch.device, cache: bool = True):
     if config.precision == "bf16":
         if device.type == "cuda":
-            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         log.warning("precision bf16 applies on CUDA only; training in fp32 on %s", device)
     return contextlib.nullcontext
 
@@ -321,8 +367,34 @@ def _build_optimizer(config: TrainConfig, model: nn.Module):
     return base, opt
 
 
+def _graphed_step(
+    config: TrainConfig, device, distributed, world, net, base, opt, autocast, batch
+) -> GraphedStep | None:
+    """The CUDA-graphed step of ``cuda_graphs: true`` (docs/training.md), or None for eager."""
+    if not config.cuda_graphs:
+        return None
+    if device.type != "cuda":
+        raise ConfigurationError(f"cuda_graphs: needs a CUDA device (this run trains on {device})")
+    if world > 1:
+        raise ConfigurationError(
+            f"cuda_graphs: single-GPU runs only (this run has {world} DDP ranks); DDP's "
+            "all-reduce in every backward is not captured"
+        )
+    if distributed:
+        # A process group of one (Ray Train sets one up even for one worker): DDP still
+        # all-reduces through NCCL in every backward, which this capture does not cover.
+        log.warning("cuda_graphs: a DDP process group is initialised; training eagerly")
+        return None
+
+    def step(x: torch.Tensor, y: torch.Tensor, search: bool):
+        return _train_step(net, base, opt, x, y, autocast, search)
+
+    return GraphedStep(step, opt, batch_size=batch, device=device)
+
+
 def _train_step(net, base, opt, x, y, autocast, search: bool):
-    """One optimizer step on (x, y); returns (clean loss, correct count) as tensors."""
+    """One optimizer step on (x, y); returns (clean loss, correct count, update finite) as
+    device tensors, without waiting for the device."""
     first: dict[str, torch.Tensor] = {}
 
     def closure(backward: bool = True) -> torch.Tensor:
@@ -339,53 +411,40 @@ def _train_step(net, base, opt, x, y, autocast, search: bool):
 
     if opt is base:
         closure()
+        grads = [p.grad for g in base.param_groups for p in g["params"] if p.grad is not None]
+        finite = all_finite(grads)
+        zero_unless_finite_(grads, finite)  # as XSAM does: NaN/inf never reaches the weights
         base.step()
     else:
         opt.step(closure, search_alpha=search)
-    return first["loss"].float(), first["correct"]
-
-
-class _Window:
-    """Train metrics accumulated between two reports (rank 0's shard)."""
-
-    def __init__(self) -> None:
-        self.loss = 0.0
-        self.correct = 0
-        self.count = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss: float, correct: int, count: int) -> None:
-        self.loss += loss * count
-        self.correct += correct
-        self.count += count
-
-    def values(self, world: int, lr: float) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {
-            "train/loss": self.loss / self.count,
-            "train/acc": self.correct / self.count,
-            "lr": float(lr),
-            "throughput/samples_per_s": self.count * world / elapsed,
-        }
+        finite = opt.last_stats["finite"]
+    return first["loss"].float(), first["correct"], finite
 
 
 def _xsam_stats(opt) -> dict[str, float]:
     s = opt.last_stats
-    values = {
-        "xsam/phi": float(s["phi"]),
+    phi, grad_norm, s_norm, clean, perturbed = torch.stack(
+        [
+            s[k].to(torch.float32)
+            for k in ("phi", "grad_norm", "ascent_grad_norm", "clean_loss", "perturbed_loss")
+        ]
+    ).tolist()  # one host sync, at a read point
+    return {
+        "xsam/phi": phi,
         "xsam/alpha": float(s["alpha"]),
-        "xsam/grad_norm": float(s["grad_norm"]),
-        "xsam/ascent_grad_norm": float(s["ascent_grad_norm"]),
-        "xsam/sharpness": float(s["perturbed_loss"]) - float(s["clean_loss"]),
+        "xsam/grad_norm": grad_norm,
+        "xsam/ascent_grad_norm": s_norm,
+        "xsam/sharpness": perturbed - clean,
     }
-    return values
 
 
 def _report_search(opt, step, epoch, distributed, world, comm, event, metrics) -> None:
     stats = opt.last_stats
     alpha = float(opt.alpha)
     alphas = [float(a) for a in stats.get("probe_alphas", [])]
-    losses = [float(v) for v in stats.get("probe_losses", [])]
+    # JSON has no NaN: a diverging step's probes (reported before the read that fails the run)
+    # become null.
+    losses = [v if math.isfinite(v) else None for v in map(float, stats.get("probe_losses", []))]
     event(
         "alpha_search",
         f"α = {alpha:g} at step {step}",
@@ -408,6 +467,16 @@ def _report_search(opt, step, epoch, distributed, world, comm, event, metrics) -
         )
         values["xsam/alpha_rank_spread"] = max(ranks) - min(ranks)
     metrics(step, epoch, values)
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch, as on one GPU; same state_dict keys as before."""
+    if device.type != "cuda":
+        # torch's SyncBatchNorm all-gathers statistics with CUDA kernels only.
+        raise ConfigurationError(
+            f"sync_batchnorm: needs CUDA devices (this rank trains on {device.type})"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _mix(seed: int, step: int, rank: int) -> int:

@@ -40,7 +40,13 @@ def make_engine(
     """An engine for `url`; SQLite gets WAL, a busy timeout and immediate write transactions."""
     if not is_sqlite(url):
         return create_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+            url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            # A statement's parameters (lease tokens, token hashes) never reach an error
+            # message or a log line.
+            hide_parameters=True,
         )
     database = make_url(url).database
     if database and database != ":memory:":
@@ -49,6 +55,7 @@ def make_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
+        hide_parameters=True,
         connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
     )
 

@@ -89,7 +89,11 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str | None] = mapped_column(String(200))
+    # The owner's display name (the token's name) ...
     owner: Mapped[str] = mapped_column(String(200))
+    # ... and who owns the job: "token:<id>", or "env:<name>" for a secret from the API's
+    # environment (service.auth.Principal.owner_key). Names may repeat; this never does.
+    owner_key: Mapped[str] = mapped_column(String(220))
     status: Mapped[str] = mapped_column(String(16))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -123,8 +127,9 @@ class Job(Base):
         Index("ix_jobs_claim_order", "status", "priority", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_owner_id", "owner", "id"),
+        Index("ix_jobs_owner_key_id", "owner_key", "id"),
         Index("ix_jobs_study_id", "study_id", "id"),
-        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        UniqueConstraint("owner_key", "idempotency_key", name="uq_jobs_owner_key_idempotency_key"),
     )
 
     @property

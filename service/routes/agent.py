@@ -28,9 +28,14 @@ from service.schemas import (
     LeasePublic,
     MetricsIngest,
     ReleaseRequest,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1/agent", tags=["agent"])
+router = APIRouter(
+    prefix="/v1/agent",
+    tags=["agent"],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 503),
+)
 
 
 @router.post(
@@ -49,6 +54,7 @@ def claim(
             cpus=body.capacity.cpus,
             gpus=body.capacity.gpus,
             policy=state.policy,
+            max_running_gpus_per_owner=state.settings.max_running_gpus_per_user,
         )
         if job is None:
             return Response(status_code=204)

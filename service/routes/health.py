@@ -37,6 +37,10 @@ def readyz(state: StateDep) -> dict[str, str] | JSONResponse:
     return {"status": "ready"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.instruments.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -12,10 +13,10 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from service import events as event_log
-from service import metric_series, queue
+from service import metric_series, queue, quotas
 from service.auth import Principal
 from service.db.models import Job, JobTag
-from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
+from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
 from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
 from service.queue import JobStatus
 from service.schemas import (
@@ -28,9 +29,10 @@ from service.schemas import (
     JobsPublic,
     LatestMetricsPublic,
     MetricsPublic,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 503))
 
 #: Most jobs one page may hold; a larger ``limit`` is a 422.
 MAX_PAGE_LIMIT = 200
@@ -43,14 +45,14 @@ JobId = Annotated[int, Path(ge=0, le=MAX_BIGINT)]
 def visible_job(session: Session, principal: Principal, job_id: int) -> Job:
     """The job, if the caller may see it; another owner's job is indistinguishable from none."""
     job = session.get(Job, job_id)
-    if job is None or (not principal.is_admin and job.owner != principal.name):
+    if job is None or (not principal.is_admin and job.owner_key != principal.owner_key):
         raise JobNotFound(f"job {job_id} not found")
     return job
 
 
 def visible_jobs(principal: Principal) -> list[ColumnElement[bool]]:
     """WHERE clauses that keep the jobs the caller may see (none for an admin: every job)."""
-    return [] if principal.is_admin else [Job.owner == principal.name]
+    return [] if principal.is_admin else [Job.owner_key == principal.owner_key]
 
 
 def job_public(session: Session, job: Job) -> JobPublic:
@@ -61,25 +63,51 @@ def job_public(session: Session, job: Job) -> JobPublic:
     )
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "A replay of an Idempotency-Key: that job"},
+        **error_responses(403, 409, 413, 429),
+    },
+)
 def submit_job(
     body: JobCreate,
     session: SessionDep,
     owner: OwnerDep,
     response: Response,
+    settings: SettingsDep,
+    state: StateDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeated ``Idempotency-Key`` from the same owner returns the first job (200)."""
+    """Queue a job. A repeated ``Idempotency-Key`` from the same owner with the same body
+    returns the first job (200); with a different body it is a 409 ``idempotency_key_reused``.
+    Keys expire after ``XSAM_IDEMPOTENCY_KEY_TTL_S`` (24 h)."""
+
+    def admit() -> None:  # a replay of an Idempotency-Key is not a new submit
+        quotas.check_submit(
+            session,
+            owner,
+            priority=body.priority,
+            config=body.config.model_dump(mode="json"),
+            settings=settings,
+            limiter=state.submit_limiter,
+        )
+
     with session.begin():
         job, created = queue.enqueue(
             session,
             owner=owner.name,
+            owner_key=owner.owner_key,
             config=body.config,
             name=body.name,
             priority=body.priority,
             max_attempts=body.max_attempts,
             tags=body.tags,
             idempotency_key=idempotency_key or None,  # an empty header is no key
+            idempotency_ttl=timedelta(seconds=settings.idempotency_key_ttl_s),
+            admit=admit,
         )
         if not created:
             response.status_code = 200
@@ -141,7 +169,7 @@ def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> JobPubli
     return job_public(session, visible_job(session, owner, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(409))
 def cancel_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> JobPublic:
     """Queued: cancelled at once. Running: the agent is told and ends it ``cancelled``."""
     with session.begin():

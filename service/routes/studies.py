@@ -9,11 +9,11 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service import quotas, study_stats
 from service import studies as store
-from service import study_stats
 from service.auth import Principal
 from service.db.models import Job, Study
-from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep
+from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
 from service.errors import JobNotFound, StudyNotFound
 from service.routes.jobs import (
     MAX_PAGE_LIMIT,
@@ -22,7 +22,7 @@ from service.routes.jobs import (
     visible_job,
     visible_jobs,
 )
-from service.schemas import MAX_BIGINT
+from service.schemas import MAX_BIGINT, error_responses
 from service.study_schemas import (
     StudiesPublic,
     StudyCreate,
@@ -31,7 +31,11 @@ from service.study_schemas import (
     StudySummary,
 )
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(
+    prefix="/v1/studies",
+    tags=["studies"],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 429, 503),
+)
 
 StudyId = Annotated[int, Path(ge=0, le=MAX_BIGINT)]
 MetricName = Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]*$")]
@@ -56,12 +60,32 @@ def visible_study(session: Session, principal: Principal, study_id: int) -> Stud
 
 @router.post("", status_code=201, response_model=StudyPublic)
 def submit_study(
-    body: StudyCreate, session: SessionDep, owner: OwnerDep, settings: SettingsDep
+    body: StudyCreate,
+    session: SessionDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    state: StateDep,
 ) -> StudyPublic:
-    """Expand the study into jobs, seed-major, in one transaction; a bad cell stores nothing."""
+    """Expand the study into jobs, seed-major, in one transaction; a bad cell stores nothing.
+
+    The quotas apply as to a submit (one submit of the rate; the priority cap; the base
+    config's option sizes), and the queued-jobs quota to every job it expands into."""
     with session.begin():
+        quotas.check_submit(
+            session,
+            owner,
+            priority=body.priority,
+            config=body.base.model_dump(mode="json"),
+            settings=settings,
+            limiter=state.submit_limiter,
+        )
         study = store.create_study(
-            session, owner=owner.name, spec=body, max_jobs=settings.max_study_jobs
+            session,
+            owner=owner.name,
+            owner_key=owner.owner_key,
+            spec=body,
+            max_jobs=settings.max_study_jobs,
+            admit=lambda: quotas.check_queued(session, owner, settings),
         )
         return store.study_public(session, study)
 

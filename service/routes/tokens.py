@@ -11,10 +11,19 @@ from service.auth import Role, create_token
 from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep
-from service.errors import TokenNotFound
-from service.schemas import MAX_BIGINT, TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from service.errors import TokenNameTaken, TokenNotFound
+from service.schemas import (
+    MAX_BIGINT,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    TokensPublic,
+    error_responses,
+)
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = APIRouter(
+    prefix="/v1/tokens", tags=["tokens"], responses=error_responses(400, 401, 403, 413, 503)
+)
 
 
 def _public(token: Token) -> TokenPublic:
@@ -27,10 +36,18 @@ def _public(token: Token) -> TokenPublic:
     )
 
 
-@router.post("", status_code=201, response_model=TokenCreated)
+@router.post("", status_code=201, response_model=TokenCreated, responses=error_responses(409))
 def create(body: TokenCreate, session: SessionDep, admin: AdminDep) -> TokenCreated:
-    """A new token; its secret is in this reply only."""
+    """A new token; its secret is in this reply only.
+
+    A name held by a token that is not revoked is refused (409), so a name shown as a job's
+    owner is one person; ownership itself follows the token, so a new token with a revoked
+    token's name does not see that token's jobs.
+    """
     with session.begin():
+        held = select(Token.id).where(Token.name == body.name, Token.revoked_at.is_(None))
+        if session.scalars(held).first() is not None:
+            raise TokenNameTaken(f"an active token is already named {body.name!r}")
         token, secret = create_token(session, body.name, Role(body.role))
         return TokenCreated(id=token.id, name=token.name, role=token.role, token=secret)
 
@@ -43,7 +60,7 @@ def list_tokens(session: ReadSessionDep, admin: AdminDep) -> TokensPublic:
     )
 
 
-@router.delete("/{token_id}", status_code=204)
+@router.delete("/{token_id}", status_code=204, responses=error_responses(404))
 def revoke(
     token_id: Annotated[int, Path(ge=0, le=MAX_BIGINT)], session: SessionDep, admin: AdminDep
 ) -> Response:

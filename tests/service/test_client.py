@@ -30,7 +30,9 @@ def test_a_job_from_submit_to_download(live_server, settings, tmp_path):
     agent = XsamClient(live_server.url, admin.create_token("gpu-box", "agent")["token"])
 
     job = user.submit(CONFIG, name="digits", tags=["t"], idempotency_key="k1")
-    assert user.submit(CONFIG, idempotency_key="k1")["id"] == job["id"]
+    assert user.submit(CONFIG, name="digits", tags=["t"], idempotency_key="k1")["id"] == job["id"]
+    with pytest.raises(Conflict):  # the same key with another body
+        user.submit(CONFIG, idempotency_key="k1")
     assert user.list_jobs(tag="t")["items"][0]["id"] == job["id"]
 
     claimed = agent.claim("gpu-box", cpus=4, gpus=0)

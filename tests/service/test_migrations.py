@@ -43,20 +43,20 @@ def test_upgrade_matches_the_models_and_downgrade_removes_everything(empty_db):
         engine.dispose()
 
 
-def test_0003_renames_the_test_sets_stored_val_series_to_test(empty_db):
+def test_0004_renames_the_test_sets_stored_val_series_to_test(empty_db):
     """Before the validation split, ``val/*`` was the test set: upgrading renames those points;
     other series are untouched; downgrading gives the old names back."""
     from sqlalchemy import text
 
-    upgrade(empty_db, "0002_studies")
+    upgrade(empty_db, "0003_job_owner_key")
     engine = create_engine(empty_db)
     try:
         with engine.begin() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO jobs (id, owner, status, config, priority, cpus, gpus, attempt, "
-                    "max_attempts, created_at, cancel_requested) VALUES "
-                    "(1, 'u', 'succeeded', '{}', 0, 1, 0, 1, 3, '2026-11-28 00:00:00', false)"
+                    "INSERT INTO jobs (id, owner, owner_key, status, config, priority, cpus, gpus, "
+                    "attempt, max_attempts, created_at, cancel_requested) VALUES (1, 'u', "
+                    "'token:1', 'succeeded', '{}', 0, 1, 0, 1, 3, '2026-11-28 00:00:00', false)"
                 )
             )
             for name, step in (("val/acc", 1), ("val/acc", 2), ("val/loss", 2), ("train/loss", 2)):
@@ -75,7 +75,7 @@ def test_0003_renames_the_test_sets_stored_val_series_to_test(empty_db):
 
         upgrade(empty_db)
         assert names() == [("test/acc", 1), ("test/acc", 2), ("test/loss", 2), ("train/loss", 2)]
-        downgrade(empty_db, "0002_studies")
+        downgrade(empty_db, "0003_job_owner_key")
         assert names() == [("train/loss", 2), ("val/acc", 1), ("val/acc", 2), ("val/loss", 2)]
     finally:
         engine.dispose()

@@ -66,7 +66,8 @@ def test_eight_claimers_race_over_500_jobs_each_claimed_once(app):
 
 def test_claim_order_priority_then_age_and_capacity(client, alice, agent):
     low = submit(client, alice, priority=0)
-    big = submit(client, alice, priority=5, config={**CONFIG, "resources": {"num_workers": 4}})
+    four = {"resources": {"num_workers": 4}, "data": {**CONFIG["data"], "batch_size": 128}}
+    big = submit(client, alice, priority=5, config={**CONFIG, **four})
     gpu = submit(client, alice, priority=9, config={**CONFIG, "resources": {"use_gpu": True}})
     high_old = submit(client, alice, priority=5)
     high_new = submit(client, alice, priority=5)

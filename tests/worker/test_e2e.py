@@ -139,6 +139,13 @@ def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
     serve, api, tiny_config, wait_for, wait_terminal, workers, rank_process
 ):
     epochs = 25
+
+    def rank_pids() -> set[int]:
+        return {pid for pid, args in _train_processes() if args.startswith(rank_process)}
+
+    # A worker of an earlier test's run may still be on its way out (Ray gives resources back
+    # asynchronously): only a rank process that appeared after this submit is this job's rank.
+    earlier = rank_pids()
     job = api.submit(
         tiny_config(schedule__epochs=epochs, resources={"num_workers": workers}),
         name="rank-killed",
@@ -149,8 +156,8 @@ def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
         return (progress.get("epoch") or 0) >= 2
 
     wait_for(past_epoch_2, 240, 0.3, "two epochs")
-    ranks = [pid for pid, args in _train_processes() if args.startswith(rank_process)]
-    assert ranks, _train_processes()
+    ranks = sorted(rank_pids() - earlier)
+    assert ranks, f"no rank process of this job among {sorted(rank_pids())}"
     subprocess.run(["kill", "-9", str(ranks[-1])], check=True)
 
     done = wait_terminal(api, job["id"])

@@ -123,6 +123,21 @@ def test_non_finite_values_are_not_sent_and_progress_is_published():
     assert seen[-1] == {"epochs": 3, "steps": 30, "step": 12, "epoch": 2}
 
 
+def test_non_finite_numbers_in_event_data_are_sent_as_null():
+    # The service refuses NaN/Infinity anywhere in a body (422): an α search whose probe loss
+    # overflowed must still be reported, with null where JSON has no number.
+    service = FakeService()
+    reporter = Reporter(service, 1, "lease", interval=0.05).start()
+    nan, inf = float("nan"), float("inf")
+    reporter(event("alpha_searched", key="a1", alpha=0.5, losses=[1.0, inf, nan], m={"x": -inf}))
+    reporter.close(5)
+    assert service.events["a1"]["data"] == {
+        "alpha": 0.5,
+        "losses": [1.0, None, None],
+        "m": {"x": None},
+    }
+
+
 def test_a_refused_batch_is_dropped_not_retried_forever():
     class Refusing(FakeService):
         def ingest_metrics(self, job_id, lease_token, points):

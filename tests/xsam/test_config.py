@@ -53,6 +53,22 @@ def with_value(path: str, value):
         ("precision", "fp16", "precision"),  # fp16 needs a scaler XSAM does not fit
         ("eval_every", 0, "eval_every"),
         ("log_every", 0, "log_every"),
+        # extreme numbers: refused naming the field, never an OverflowError (issue 9)
+        ("optimizer.alpha_delta", 5e-324, "optimizer.alpha_delta"),  # α_max/Δα = inf
+        ("optimizer.alpha_max", 1e308, "optimizer.alpha_max"),
+        ("optimizer.lr", 1e308, "optimizer.lr"),
+        ("optimizer.rho", 1e308, "optimizer.rho"),  # 2·ρ would be inf
+        ("optimizer.rho_max", 1e308, "optimizer.rho_max"),
+        ("resources.cpus_per_worker", 1e308, "resources.cpus_per_worker"),  # × workers
+        ("data.batch_size", 10**30, "data.batch_size"),
+        ("data.num_train", 2**63, "data.num_train"),
+        ("optimizer.search_every", 2**31, "optimizer.search_every"),
+        ("eval_every", 10**30, "eval_every"),
+        ("log_every", 2**63, "log_every"),
+        # free-form options must survive a JSON round trip
+        ("model.options", {"width": float("nan")}, "model.options"),
+        ("data.options", {"shape": [float("inf")]}, "data.options"),
+        ("data.options", {"k": "\ud800"}, "data.options"),
     ],
 )
 def test_bad_value_names_its_field(path, value, field):
@@ -125,3 +141,26 @@ def test_examples_are_valid():
     assert len(examples) >= 5
     for path in examples:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"alpha_delta": 5e-324},
+        {"alpha_max": 1e308, "alpha_delta": 1e-308},
+    ],
+)
+def test_xsam_train_refuses_overflowing_config_with_exit_2(tmp_path, optimizer):
+    # Was an OverflowError traceback (math.floor(inf)) from `xsam train`.
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**BASE, "optimizer": optimizer}))
+    with pytest.raises(ConfigError, match=r"optimizer\.alpha_(delta|max):"):
+        load_config(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "xsam", "train", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "optimizer.alpha_" in done.stderr and "Traceback" not in done.stderr

@@ -17,10 +17,11 @@ def test_registry_matches_the_config_schema():
 # name, input shape, options: small sizes that keep a CPU step fast.
 CASES = [
     ("resnet18", (3, 16, 16), {"width": 8}),
-    ("vgg11_bn", (3, 32, 32), {"width": 4}),
+    ("vgg11_bn", (3, 32, 32), {"width": 4, "hidden": 64}),
     ("wrn16_8", (3, 16, 16), {"widen_factor": 1}),
     ("mlp", (1, 8, 8), {"hidden": [32]}),
     ("cnn1d", (1, 40), {"channels": 8}),
+    ("densenet121", (3, 16, 16), {"growth_rate": 4}),
 ]
 
 
@@ -56,6 +57,36 @@ def test_resnet18_is_cifar_style():
     assert 11_000_000 < sum(p.numel() for p in model.parameters()) < 11_300_000
 
 
+def test_vgg11_bn_has_the_reference_head():
+    model = build_model("vgg11_bn", input_shape=(3, 32, 32), num_classes=100)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (512, 4096),
+        (4096, 4096),
+        (4096, 100),
+    ]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert [m.p for m in dropouts] == [0.5, 0.5]
+    head = [type(m).__name__ for m in list(model)[-7:]]
+    assert head == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+
+
+def test_densenet121_is_cifar_style_and_trains_at_32px():
+    torch.manual_seed(0)
+    model = build_model("densenet121", input_shape=(3, 32, 32), num_classes=10)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert model.conv1.out_channels == 64  # 2 × growth rate 32
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    # torchvision's densenet121 has 7 978 856 parameters; ours swaps the 7×7 stem conv
+    # (9 408) for a 3×3 one (1 728), drops the stem BatchNorm (128) and has a 10-class head
+    # (10 250 instead of 1 025 000): 6 956 298. Every dense layer and transition is the same.
+    assert sum(p.numel() for p in model.parameters()) == 6_956_298
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 10)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_cnn1d_has_batchnorm_for_mnist1d():
     model = build_model("cnn1d", input_shape=(1, 40), num_classes=10)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
@@ -75,6 +106,18 @@ def test_build_from_config_merges_options():
 def test_unknown_option_names_the_config_key():
     with pytest.raises(ConfigurationError, match=r"model\.options\.depthh"):
         build_model("cnn1d", input_shape=(1, 40), num_classes=10, depthh=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field"),
+    [
+        ("vgg11_bn", {"dropout": 1.0}, "dropout"),  # would zero the whole head
+        ("densenet121", {"growth_rate": 0}, "growth_rate"),  # no channels to grow
+    ],
+)
+def test_bad_model_option_names_the_config_key(name, options, field):
+    with pytest.raises(ConfigurationError, match=rf"model\.options\.{field}: must be"):
+        build_model(name, input_shape=(3, 32, 32), num_classes=10, **options)
 
 
 @pytest.mark.parametrize(

@@ -106,13 +106,17 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import default_data_dir, default_server_and_token
+    from service.client import LocalSecretRefused, default_data_dir, default_server_and_token
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    server, token = default_server_and_token(args.server, args.token)
+    try:
+        server, token = default_server_and_token(args.server, args.token)
+    except LocalSecretRefused as exc:
+        print(f"xsam agent: {exc}", file=sys.stderr)
+        return 2
     if not token:
         print("xsam agent: no token (use --token or $XSAM_TOKEN)", file=sys.stderr)
         return 2

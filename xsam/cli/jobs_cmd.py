@@ -51,20 +51,32 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import ApiError, ServiceUnreachable, XsamClient, default_server_and_token
+    from service.client import (
+        ApiError,
+        LocalSecretRefused,
+        ServiceUnreachable,
+        XsamClient,
+        default_server_and_token,
+    )
+    from xsam.cli.terminal_text import EscapedClient, escape_controls
 
-    server, token = default_server_and_token(args.server, args.token)
     command = args.command
     try:
+        server, token = default_server_and_token(args.server, args.token)
+    except LocalSecretRefused as exc:
+        _err(command, str(exc))
+        return 2
+    try:
         with XsamClient(server, token) as api:
-            return COMMANDS[command](api, args)
+            # Whatever the service says is printed with its control characters escaped.
+            return COMMANDS[command](EscapedClient(api), args)
     except ServiceUnreachable:
         _err(command, f"cannot reach the XSAM service at {server} (is `xsam serve` running?)")
         return 3
     except ApiError as exc:
         detail = exc.detail if isinstance(exc.detail, str) else _schema_errors(exc.detail)
         hint = " (set --token or $XSAM_TOKEN)" if exc.status == 401 else ""
-        _err(command, f"{detail} ({exc.code}, HTTP {exc.status}){hint}")
+        _err(command, escape_controls(f"{detail} ({exc.code}, HTTP {exc.status}){hint}"))
         return 1
 
 
@@ -138,10 +150,10 @@ def _progress_text(job: dict[str, Any]) -> str:
 
 
 def status(api, args: argparse.Namespace) -> int:
-    job = api.get_job(args.job_id)
-    if args.json:
-        print(json.dumps(job, indent=2))
+    if args.json:  # JSON escapes control characters itself: print the reply as it is
+        print(json.dumps(api.raw.get_job(args.job_id), indent=2))
         return 0
+    job = api.get_job(args.job_id)
     print(f"job {job['id']}  {job.get('name') or ''}".rstrip())
     print(f"  status    {job['status']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["status"] == "running" else ""))  # fmt: skip
     print(f"  attempt   {job.get('attempt', 0)} of {job.get('max_attempts')}")

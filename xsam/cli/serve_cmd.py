@@ -7,12 +7,21 @@ provisions the admin token and serves the API with uvicorn until interrupted. Wi
 joins ``--ray-address``, and runs the agent against the API with the admin token. SIGINT or
 SIGTERM stops the running jobs at their next step with a checkpoint and releases them back to
 the queue (their attempts not counted; the next start resumes them), then the API, then Ray.
+
+One `xsam serve` per data directory and per port: before anything else it takes an exclusive
+lock on ``<data_dir>/serve.lock`` (holding its pid and URL, which the CLI reads to know where
+the local admin secret may go) and binds its port itself, handing the bound socket to uvicorn.
+A second one exits at once naming the first; readiness is this process's own server starting,
+never whatever answers on the port.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,13 +80,109 @@ def make_settings(data_dir: Path | None = None, database_url: str | None = None,
     return Settings(**overrides)
 
 
+class AlreadyServing(Exception):
+    """Another `xsam serve` holds this data directory or port; the message names it."""
+
+
+class ServeLock:
+    """An exclusive lock on ``<data_dir>/serve.lock`` for the life of this process, recording
+    this server's pid and URL (the file is emptied on release; the kernel drops the lock if
+    the process dies)."""
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        import fcntl
+
+        from service.client import SERVE_RECORD
+
+        _private_dir(data_dir)
+        self.path = data_dir / SERVE_RECORD
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace")
+            os.close(self.fd)
+            try:
+                record = json.loads(holder)
+                who = f"pid {record['pid']}, serving {record['url']}"
+            except (ValueError, KeyError, TypeError):
+                who = "starting up"
+            raise AlreadyServing(
+                f"another `xsam serve` ({who}) is using the data directory {data_dir}; "
+                "stop it first, or give this one another --data-dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing the descriptor drops the lock
+
+
+def _private_dir(path: Path) -> None:
+    """`path` exists and only its owner may enter it (0700; an older install's too)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.chmod(0o700)
+    except PermissionError:  # a mounted volume this user does not own: its owner decides
+        log.warning("cannot make %s owner-only (not its owner); check its mode", path)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn, or `AlreadyServing` naming what holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn does: a port in TIME_WAIT may be reused; one that something listens on not.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        url = f"http://{host}:{port}"
+        raise AlreadyServing(
+            f"cannot listen on {host}:{port} ({exc.strerror}){_who_answers(url)}; "
+            "stop it first, or give this one another --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _who_answers(url: str) -> str:
+    import httpx
+
+    try:
+        title = httpx.get(f"{url}/openapi.json", timeout=1).json()["info"]["title"]
+    except Exception:
+        return ""
+    return f": {title!r} (another `xsam serve`?) answers at {url}"
+
+
 def prepare(settings) -> str:  # type: ignore[no-untyped-def]
     """Migrate the database and make sure an admin token exists; returns where it is."""
     from service.auth import provision_admin_token
     from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
     from service.db.migrate import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(settings.data_dir)
+    database = _sqlite_file(settings.url)
+    if database is not None:
+        # Created owner-only before SQLite opens it (its -wal/-shm files copy these modes).
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            if path.exists():
+                try:
+                    path.chmod(0o600)  # an older install's world-readable database
+                except PermissionError:
+                    log.warning("cannot make %s owner-only (not its owner)", path)
     upgrade(settings.url)
     if settings.admin_token is not None:
         return "$XSAM_ADMIN_TOKEN"
@@ -99,14 +204,30 @@ def build_and_run_api(
 
     from service.app import create_app
 
-    where = prepare(settings)
-    app = create_app(settings)
     url = f"http://{host}:{port}"
-    log.info("XSAM API on %s (database %s)", url, _safe(settings.url))
-    log.info("admin token: %s", where)
-    print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
-    return 0
+    try:
+        lock = ServeLock(settings.data_dir, url)
+    except AlreadyServing as exc:
+        print(f"xsam serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            sock = bind_port(host, port)
+        except AlreadyServing as exc:
+            print(f"xsam serve: {exc}", file=sys.stderr)
+            return 1
+        where = prepare(settings)
+        app = create_app(settings)
+        log.info("XSAM API on %s (database %s)", url, _safe(settings.url))
+        log.info("admin token: %s", where)
+        # The port is this process's already: the line below is true before uvicorn starts.
+        print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
+        return 0
+    finally:
+        lock.release()
 
 
 def _safe(url: str) -> str:
@@ -120,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # Everything this server writes (database, tokens, checkpoints, weights) is its owner's.
+    os.umask(0o077)
     # XSAM_DATA_DIR / XSAM_DATABASE_URL are read by Settings; flags win over them.
     settings = make_settings(args.data_dir, args.database_url)
     if not args.no_agent:
@@ -144,36 +267,55 @@ def _ray_temp_dir(settings) -> Path:  # type: ignore[no-untyped-def]
 
 def run_embedded(settings, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     """The API (uvicorn, in a thread), a local Ray head and an agent, until SIGINT/SIGTERM."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
+    url = f"http://{args.host}:{args.port}"
+    try:
+        lock = ServeLock(settings.data_dir, url)
+    except AlreadyServing as exc:
+        print(f"xsam serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            sock = bind_port(args.host, args.port)
+        except AlreadyServing as exc:
+            print(f"xsam serve: {exc}", file=sys.stderr)
+            return 1
+        return _run_embedded(settings, args, url, sock)
+    finally:
+        lock.release()
+
+
+def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.socket) -> int:  # type: ignore[no-untyped-def]
     import threading
     import time
 
     import uvicorn
 
     from service.app import create_app
-    from service.client import XsamClient
     from worker import local_ray
     from xsam.cli.agent_cmd import build_agent, stop_on_signals
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     stop = threading.Event()
     stop_on_signals(stop)
     where = prepare(settings)
-    url = f"http://{args.host}:{args.port}"
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
         access_log=False,
     )  # fmt: skip
     server = uvicorn.Server(config)
     # In a thread uvicorn installs no signal handlers: ours decide the order of shutdown.
-    api = threading.Thread(target=server.run, name="xsam-api", daemon=True)
+    api = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="xsam-api", daemon=True
+    )
     api.start()
     token = _admin_token(settings)
-    with XsamClient(url, token, timeout=2) as probe:
-        while not probe.ready():
-            if not api.is_alive():
-                print(f"xsam serve: the API did not start on {url}", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+    # Ready when this process's own server has started (it serves the socket bound above),
+    # never because something else answers on the port.
+    while not server.started:
+        if not api.is_alive():
+            print(f"xsam serve: the API did not start on {url}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
     print(f"xsam: serving the API on {url}; admin token in {where}", file=sys.stderr, flush=True)
 
     head = None

@@ -21,9 +21,13 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import ApiError, XsamClient, default_server_and_token
+    from service.client import ApiError, LocalSecretRefused, XsamClient, default_server_and_token
 
-    server, token = default_server_and_token(args.server)
+    try:
+        server, token = default_server_and_token(args.server)
+    except LocalSecretRefused as exc:
+        print(f"xsam token: {exc}", file=sys.stderr)
+        return 2
     if not token:
         print(
             "xsam token: no admin token: set XSAM_TOKEN, or run `xsam serve` once so that it "

@@ -1,13 +1,14 @@
 """Metric names: the test set's series are ``test/loss``, ``test/acc`` (no longer ``val/*``).
 
-Until ``data.val_fraction`` existed, fit() reported the test set as ``val/loss`` and ``val/acc``;
+Until ``data.val_fraction`` existed, fit() reported the test set as ``val/loss``, ``val/acc``,
+``val/acc_best`` and ``val/acc_last5``;
 ``val/*`` now means the validation split held out of the training set. Every stored ``val/*``
 point predates that split, so it is the test set and is renamed. Events keep the names they were
 written with (an old ``epoch_done`` says ``val/acc`` for the test accuracy). Upgrade agents with
 the service: an old agent would still report the test set as ``val/*``.
 
-Revision ID: 0003_test_metric_names
-Revises: 0002_studies
+Revision ID: 0004_test_metric_names
+Revises: 0003_job_owner_key
 Create Date: 2026-11-28
 """
 
@@ -18,12 +19,17 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_test_metric_names"
-down_revision: str | None = "0002_studies"
+revision: str = "0004_test_metric_names"
+down_revision: str | None = "0003_job_owner_key"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-RENAMES = (("val/loss", "test/loss"), ("val/acc", "test/acc"))
+RENAMES = (
+    ("val/loss", "test/loss"),
+    ("val/acc", "test/acc"),
+    ("val/acc_best", "test/acc_best"),
+    ("val/acc_last5", "test/acc_last5"),
+)
 
 
 def _rename(old: str, new: str) -> None:
