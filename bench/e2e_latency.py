@@ -1,15 +1,22 @@
 """End-to-end latency of the service: what running a job through `xsam serve` costs over
-`xsam train`.
+`xsam train`, for a one-rank job (a warm actor) and a two-rank job (a TorchTrainer).
 
-Starts a warm `xsam serve` (API + local Ray + agent; a warm-up job first, so that Ray's first
-worker processes, the data cache and imports are paid for), then for each repeat:
+Starts a warm `xsam serve` (API + local Ray + agent; a warm-up job of each kind first, so that
+Ray's first worker processes, the data cache and imports are paid for), then for each repeat:
 
-- submits a 3-epoch MNIST-1D job (1 rank) and measures, from the client's clock,
-  *submit → first step visible* (the first metric point readable through the API) and
-  *total* (submit → `succeeded` seen);
+- submits a 3-epoch MNIST-1D job with 1 rank, then the same with 2 ranks, and measures, from
+  the client's clock, *submit → first step visible* (the first metric point readable through
+  the API) and *total* (submit → `succeeded` seen); the two-rank job's batch is 126 (divisible
+  by the ranks);
 - reads fit()'s own duration (``fit_seconds`` in the ``finished`` event), so that
   *overhead = total − time inside fit()*;
-- runs the same config with `xsam train` in a subprocess: wall time and fit_seconds likewise.
+- runs the one-rank config with `xsam train` in a subprocess: wall time and fit_seconds likewise;
+- then, with `xsam serve` stopped, measures Ray Train's own fixed cost in the same run: a
+  2-worker `TorchTrainer` whose loop does nothing, on a fresh local Ray head with the same CPUs
+  (a driver of its own, one untimed warm-up), from `TorchTrainer(...).fit()` called to returned.
+  The two-rank job's overhead is set against it. (Run beside the idle `xsam serve`'s Ray, the
+  same driver waited for its placement group for minutes: Ray Train's autoscaling coordinator
+  there belongs to the agent's driver; not investigated.)
 
 Run:  python bench/e2e_latency.py [--repeats 2] [--ray-address A] [--num-cpus 2]
 Writes bench/out/e2e_latency.json and prints a table.
@@ -33,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.client import XsamClient  # noqa: E402
+from worker import local_ray  # noqa: E402
 from worker.local_ray import free_ports  # noqa: E402
 
 CONFIG = {
@@ -44,6 +52,45 @@ CONFIG = {
     "log_every": 8,
     "seed": 0,
 }
+
+
+NOOP_TRAINER = """
+import sys, time, tempfile
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+
+def loop():
+    pass
+
+t0 = time.monotonic()
+TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=int(sys.argv[2]),
+             resources_per_worker={"CPU": 1}),
+             run_config=RunConfig(storage_path=tempfile.mkdtemp())).fit()
+print(time.monotonic() - t0)
+"""
+
+
+def noop_trainer_runs(work: Path, num_cpus: int, workers: int, repeats: int) -> list[float]:
+    """Seconds a TorchTrainer with an empty loop takes (after one untimed warm-up) on a fresh
+    local Ray head: Ray Train's fixed cost per run."""
+    token = local_ray.ensure_auth_token(work / "noop-ray" / "auth_token")
+    head = local_ray.start_head(Path(f"/tmp/ray-noop{os.getpid()}"), num_cpus=num_cpus,
+                                token_file=token)  # fmt: skip
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            out = subprocess.run(
+                [sys.executable, "-c", NOOP_TRAINER, head.address, str(workers)], env=env,
+                cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+            ).stdout  # fmt: skip
+            times.append(float(out.strip().splitlines()[-1]))
+    finally:
+        head.stop()
+    return times[1:]
 
 
 def start_serve(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
@@ -65,9 +112,13 @@ def start_serve(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen,
     return proc, f"http://127.0.0.1:{port}", token
 
 
-def run_job(api: XsamClient) -> dict[str, float]:
+def run_job(api: XsamClient, workers: int = 1) -> dict[str, float]:
     t0 = time.monotonic()
-    job = api.submit(CONFIG, name="bench-e2e")
+    # Every rank takes the same share of the global batch: 125 → 126 for two ranks.
+    batch = -(-CONFIG["data"]["batch_size"] // workers) * workers
+    data = {**CONFIG["data"], "batch_size": batch}
+    config = {**CONFIG, "data": data, "resources": {"num_workers": workers}}
+    job = api.submit(config, name="bench-e2e")
     first_step = None
     while True:
         now = time.monotonic()
@@ -118,40 +169,52 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("XSAM_HEARTBEAT_INTERVAL_S", "1")
-    results: dict[str, list[dict[str, float]]] = {"serve": [], "train": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "serve": [], "serve2": [], "train": [], "raytrain_noop": []
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="xsam-bench-") as tmp:
         work = Path(tmp)
         proc, url, token = start_serve(work, args)
         try:
             with XsamClient(url, token) as api:
-                print("warm-up job…", file=sys.stderr, flush=True)
-                run_job(api)
+                print("warm-up jobs…", file=sys.stderr, flush=True)
+                # Two ranks first: a TorchTrainer run keeps its CPUs until Ray Train has torn it
+                # down, and a job submitted meanwhile waits for them (not the path measured).
+                run_job(api, 2)
+                run_job(api, 1)
                 for i in range(args.repeats):
-                    results["serve"].append(run_job(api))
+                    results["serve"].append(run_job(api, 1))
+                    results["serve2"].append(run_job(api, 2))
                     results["train"].append(run_train(work, i))
-                    print(f"repeat {i + 1}: serve {results['serve'][-1]}, "
-                          f"train {results['train'][-1]}", file=sys.stderr, flush=True)  # fmt: skip
+                    print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]}" for k, v in results.items() if v),
+                          file=sys.stderr, flush=True)  # fmt: skip
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
+        print("Ray Train's fixed cost…", file=sys.stderr, flush=True)
+        for t in noop_trainer_runs(work, args.num_cpus, 2, args.repeats):
+            results["raytrain_noop"].append({"total_s": t})
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in results[kind])
 
+    def row(label: str, *cells: str) -> None:
+        print(f"{label:34}" + "".join(f"{c:>14}" for c in cells))
+
     print(f"3-epoch MNIST-1D XSAM job (cnn1d, 4000 samples, batch 125), median of {args.repeats}")
-    print(f"{'':28}{'xsam serve':>12}{'xsam train':>12}")
-    print(f"{'submit -> claimed (s)':28}{med('serve', 'submit_to_claim_s'):12.1f}{'-':>12}")
-    print(
-        f"{'claimed -> started event (s)':28}{med('serve', 'claim_to_fit_started_s'):12.1f}{'-':>12}"
-    )
-    print(f"{'submit -> first step (s)':28}{med('serve', 'first_step_s'):12.1f}{'-':>12}")
-    print(
-        f"{'total wall time (s)':28}{med('serve', 'total_s'):12.1f}{med('train', 'total_s'):12.1f}"
-    )
-    print(f"{'time inside fit() (s)':28}{med('serve', 'fit_s'):12.1f}{med('train', 'fit_s'):12.1f}")
-    print(
-        f"{'overhead (s)':28}{med('serve', 'overhead_s'):12.1f}{med('train', 'overhead_s'):12.1f}"
-    )
+    row("", "serve 1 rank", "serve 2 ranks", "xsam train")
+    for label, key in (("submit -> claimed (s)", "submit_to_claim_s"),
+                       ("claimed -> started event (s)", "claim_to_fit_started_s"),
+                       ("submit -> first step (s)", "first_step_s")):  # fmt: skip
+        row(label, f"{med('serve', key):.1f}", f"{med('serve2', key):.1f}", "-")
+    for label, key in (("total wall time (s)", "total_s"), ("time inside fit() (s)", "fit_s"),
+                       ("overhead (s)", "overhead_s")):  # fmt: skip
+        row(label, f"{med('serve', key):.1f}", f"{med('serve2', key):.1f}",
+            f"{med('train', key):.1f}")  # fmt: skip
+    noop = med("raytrain_noop", "total_s")
+    print(f"Ray Train's fixed cost (2-worker TorchTrainer, empty loop): {noop:.1f} s")
+    print(f"one-rank overhead: {med('serve', 'overhead_s'):.1f} s (target <= 2 s); "
+          f"two-rank overhead / Ray Train's fixed cost: {med('serve2', 'overhead_s') / noop:.2f}")  # fmt: skip
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_latency.json").write_text(json.dumps(results, indent=2) + "\n")

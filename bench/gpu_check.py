@@ -192,7 +192,7 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
         "device": started["data"]["device"],
         "steps": summary["steps"],
         "alpha_searches": searches,
-        "val/acc": summary["metrics"].get("val/acc"),
+        "test/acc": summary["metrics"].get("test/acc"),
         "fit_seconds": round(summary["fit_seconds"], 2),
         "wall_seconds": round(wall, 2),
     }

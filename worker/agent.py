@@ -35,6 +35,7 @@ from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
 from worker.control import CANCEL, LEASE_LOST, NAMESPACE, SHUTDOWN
 from worker.heartbeat import Heartbeats, Lease
 from worker.ray_run import JobRun, RunResult, RunSettings
+from worker.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class AgentSettings:
     poll_interval_s: float = 1.0
     #: How long a finished run may take to hand its resources back before it is aborted.
     release_timeout_s: float = 60.0
+    #: Idle warm actors kept for one-rank CPU jobs (worker/warm_pool.py); 0 = none.
+    warm_actors: int = 2
 
     def __post_init__(self) -> None:
         if not self.agent_id:
@@ -68,6 +71,7 @@ class Agent:
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self.pool: WarmPool | None = None
 
     # --- capacity ----------------------------------------------------------------------------
 
@@ -96,6 +100,9 @@ class Agent:
                 log_to_driver=False,
                 logging_level=logging.WARNING,
             )
+        if self.pool is None and self.settings.warm_actors > 0:
+            self.pool = WarmPool(self.settings.warm_actors)
+            self.pool.prewarm(1)
 
     def run(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop`` is set, then shut down (see `shutdown`)."""
@@ -136,7 +143,7 @@ class Agent:
         return True
 
     def _start(self, job: dict[str, Any], lease: dict[str, Any]) -> None:
-        run = JobRun(job, lease, self.settings.run)
+        run = JobRun(job, lease, self.settings.run, pool=self.pool)
         log.info("job %d: claimed (attempt %d)", run.job_id, run.attempt)
         lost = threading.Event()
 
@@ -319,3 +326,5 @@ class Agent:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.heartbeats.stop()
+        if self.pool is not None:
+            self.pool.close()

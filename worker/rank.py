@@ -1,7 +1,7 @@
-"""What every rank of a job runs under Ray Train: xsam.training.fit, wired to the service.
+"""What every rank of a job runs: xsam.training.fit, wired to the service.
 
-Ray Train has already initialised torch.distributed (gloo on CPU, NCCL on GPU) when
-`train_on_rank` starts. Each rank polls the job's control actor for a stop request (cancel,
+Under Ray Train, torch.distributed (gloo on CPU, NCCL on GPU) is initialised when
+`train_on_rank` starts; a one-rank job in a warm actor calls `run_rank` directly. Each rank polls the job's control actor for a stop request (cancel,
 shutdown, lease lost); rank 0 also reports metrics and events through a `Reporter` and writes the
 run's outcome to the control actor. The checkpoint lives at ``<checkpoint_dir>/checkpoint.pt``
 (shared storage): a restarted worker group, or the job's next attempt, resumes from it.
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 
 from worker.control import LEASE_LOST, NAMESPACE, StopFlag
 
@@ -39,11 +38,20 @@ def _rank_device() -> str:
 
 def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train loop function; ``spec`` is built by `worker.ray_run.JobRun`."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    # The GPU Ray Train assigned to this rank (CPU when the job has none).
+    return run_rank(spec, rank=rank, device=_rank_device())
+
+
+def run_rank(spec: dict[str, Any], *, rank: int, device: str) -> dict[str, Any] | None:
+    """One rank of a job attempt: under Ray Train (`train_on_rank`) or, for a one-rank job, in
+    a warm actor (`worker.warm_pool.WarmRank`, rank 0, no process group)."""
     from service.client import XsamClient
     from worker.log_capture import capture_rank_logs
     from worker.run_environment import record_environment
 
-    rank = ray.train.get_context().get_world_rank()
     control = ray.get_actor(spec["control"], namespace=NAMESPACE)
     # Hook-in point of the log capture: every rank's stdout, stderr and logging, for the whole
     # run, go to the service; a rank that raises leaves its traceback with the control actor.
@@ -54,7 +62,7 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     ):  # fmt: skip
         record_environment(client, spec["job_id"], spec["lease_token"], spec["attempt"], rank)
         try:
-            return _train(spec, rank, control, client)
+            return _train(spec, rank, control, client, device)
         except BaseException:
             text = traceback.format_exc()
             sys.stderr.write(text)  # into the job's log too
@@ -62,7 +70,9 @@ def train_on_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
             raise
 
 
-def _train(spec: dict[str, Any], rank: int, control: Any, client: Any) -> dict[str, Any] | None:
+def _train(
+    spec: dict[str, Any], rank: int, control: Any, client: Any, device: str
+) -> dict[str, Any] | None:
     from worker.reporter import Reporter
     from xsam.config import TrainConfig
     from xsam.errors import XsamError
@@ -119,8 +129,7 @@ def _train(spec: dict[str, Any], rank: int, control: Any, client: Any) -> dict[s
             on_checkpoint=persist if reporter is not None else None,
             should_stop=lambda: stop.is_set() or (reporter is not None and reporter.lease_lost),
             data_root=spec.get("data_root"),
-            # The GPU Ray Train assigned to this rank (CPU when the job has none).
-            device=_rank_device(),
+            device=device,
             weights_out=spec["weights_out"] if rank == 0 else None,
         )
     except XsamError as exc:

@@ -1,4 +1,6 @@
-"""One job attempt on Ray: a TorchTrainer whose every rank runs `worker.rank.train_on_rank`.
+"""One job attempt on Ray: a TorchTrainer whose every rank runs `worker.rank.train_on_rank`, or,
+for a one-rank CPU job, a warm actor from the agent's pool (`worker.warm_pool`) that runs the
+same `worker.rank.run_rank` without Ray Train's start-up cost.
 
 `JobRun.run()` (in the agent's thread for this job) creates the job's control actor, starts
 ``trainer.fit()`` in a thread of its own, and watches the control actor for rank 0's outcome.
@@ -30,6 +32,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from worker.control import ABORT, CANCEL, LEASE_LOST, NAMESPACE, JobControl, control_name
 from worker.failures import Failure, classify
 from worker.rank import train_on_rank
+from worker.warm_pool import WarmPool
 from xsam.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,13 @@ def scaling_for(config: TrainConfig) -> ScalingConfig:
 class JobRun:
     """One claimed job attempt, from the TorchTrainer's start to the resources' release."""
 
-    def __init__(self, job: dict[str, Any], lease: dict[str, Any], settings: RunSettings) -> None:
+    def __init__(
+        self,
+        job: dict[str, Any],
+        lease: dict[str, Any],
+        settings: RunSettings,
+        pool: WarmPool | None = None,
+    ) -> None:
         self.job_id = int(job["id"])
         self.attempt = int(lease["attempt"])
         self.lease_token = str(lease["lease_token"])
@@ -108,6 +117,11 @@ class JobRun:
         self._control: Any = None
         self._progress: dict[str, Any] | None = None
         self._fit_thread: threading.Thread | None = None
+        res = self.config.resources
+        #: One-rank CPU jobs run in a warm actor (no Ray Train); the rest in a TorchTrainer.
+        self.pool = pool if res.num_workers == 1 and not res.use_gpu else None
+        self._actor: Any = None
+        self._actor_call: Any = None
         self._fit_error: BaseException | None = None
         self._stop_reason: str | None = None
         self.started = time.monotonic()
@@ -159,6 +173,8 @@ class JobRun:
             self._control.request_stop.remote(self._stop_reason)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        if self.pool is not None:
+            return self._run_warm(self.pool)
         trainer = TorchTrainer(
             train_on_rank,
             train_loop_config=self.spec(),
@@ -183,6 +199,47 @@ class JobRun:
             if outcome is None:
                 time.sleep(0.5)
         return self._result(outcome)
+
+    def _run_warm(self, pool: WarmPool) -> RunResult:
+        """Run the job in a warm actor; if the actor's process dies, run it again in another
+        one (resuming from the checkpoint) up to ``max_failures`` times within the attempt."""
+        spec, cpus = self.spec(), self.config.resources.cpus_per_worker
+        restarts = 0
+        while True:
+            self._actor = pool.take()
+            self._actor_call = self._actor.run.remote(spec, cpus)
+            outcome = None
+            while outcome is None:
+                finished = bool(ray.wait([self._actor_call], timeout=0)[0])
+                outcome = self._poll()
+                if outcome is None and finished:
+                    break
+                if outcome is None:
+                    # Wakes at once when the call returns, right after rank 0's outcome.
+                    ray.wait([self._actor_call], timeout=0.5)
+            if outcome is not None:
+                return self._result(outcome)  # wait_released() hands the actor back
+            try:
+                ray.get(self._actor_call)
+                return self._result(None)  # returned without an outcome: a bug, retryable
+            except BaseException as exc:
+                self._fit_error = exc
+            lost = isinstance(self._fit_error, ray.exceptions.RayActorError)
+            if lost:
+                pool.discard(self._actor)
+                self._actor = self._actor_call = None
+            if not classify(self._fit_error).retryable or self._stop_reason:
+                return self._result(None)
+            if restarts >= self.settings.max_failures:
+                return self._result(None)
+            restarts += 1
+            log.warning("job %d: warm rank %s (%s); running it again from its checkpoint "
+                        "(%d/%d)", self.job_id, "lost" if lost else "raised",
+                        type(self._fit_error).__name__, restarts, self.settings.max_failures)  # fmt: skip
+            if not lost:
+                pool.give_back(self._actor)
+                self._actor = self._actor_call = None
+            self._fit_error = None
 
     def _fit(self, trainer: TorchTrainer) -> None:
         try:
@@ -240,8 +297,23 @@ class JobRun:
         tmp.replace(path)
 
     def wait_released(self, timeout: float = 60.0) -> None:
-        """Wait for trainer.fit() to return (resources released); abort the run if it hangs."""
+        """Wait for trainer.fit() to return (resources released); abort the run if it hangs.
+
+        A warm actor goes back to the pool once its `run` call has returned (rank 0 may still
+        be flushing reports after the outcome); one that does not return in time is killed."""
+        if self._actor is not None:
+            ready, _ = ray.wait([self._actor_call], timeout=timeout)
+            if ready:
+                self.pool.give_back(self._actor)
+            else:
+                log.warning("job %d: warm rank did not end in %.0f s; killing it", self.job_id,
+                            timeout)  # fmt: skip
+                self.abort()
+            self._actor = self._actor_call = None
         if self._fit_thread is None:
+            if self._control is not None:
+                ray.kill(self._control)
+                self._control = None
             return
         self._fit_thread.join(timeout)
         if self._fit_thread.is_alive():
@@ -254,6 +326,12 @@ class JobRun:
 
     def abort(self) -> None:
         """Tell the ranks to stop and abort Ray Train's controller (no checkpoint promised)."""
+        if self._actor is not None:
+            if self._control is not None:
+                self._control.request_stop.remote(ABORT)
+            self.pool.discard(self._actor)
+            self._actor = self._actor_call = None
+            return
         if self._control is None:
             return
         self._control.request_stop.remote(ABORT)

@@ -142,6 +142,15 @@ class DataConfig(_Strict):
     options: JSONObject = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
+    val_fraction: float = Field(
+        default=0.0,
+        description="share of the training set held out as the validation set (val/acc); "
+        "0 = none. Choose hyperparameters on val/acc; test/acc is only reported",
+    )
+    val_seed: int = Field(
+        default=0,
+        description="which samples are held out (the same for every seed, rank and retry)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -176,6 +185,13 @@ class DataConfig(_Strict):
             raise ValueError(f"must be relative to the data root, got absolute path {v!r}")
         if ".." in path.parts:
             raise ValueError(f"must not contain '..', got {v!r}")
+        return v
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _val_fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1) (got {v})")
         return v
 
     @field_validator("batch_size")

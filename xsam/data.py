@@ -50,6 +50,7 @@ from xsam.errors import ConfigurationError, DataError
 from xsam.label_noise import symmetric_label_noise
 from xsam.tiny_imagenet import STATS as _TINY_IMAGENET_STATS
 from xsam.tiny_imagenet import load_tiny_imagenet
+from xsam.val_split import hold_out
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class Dataset:
     pad_value: float | tuple[float, ...] = 0.0
     #: The fraction of training labels that ``label_noise`` actually changed.
     label_noise_fraction: float = 0.0
+    #: The held-out part of the training set (``data.val_fraction``; see xsam/val_split.py).
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -95,6 +99,8 @@ class Dataset:
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
+            x_val=None if self.x_val is None else self.x_val.to(device),
+            y_val=None if self.y_val is None else self.y_val.to(device),
         )
 
 
@@ -115,11 +121,13 @@ def load_dataset(
     """Load a registered data set onto ``device`` (CPU by default).
 
     ``config_or_name`` is a data set name, a `DataConfig`, or a `TrainConfig` (its ``data``):
-    a config contributes ``root``, ``options``, ``num_train``, ``augment`` and ``label_noise``,
-    and a `TrainConfig` its ``seed`` as the noise seed. ``label_noise`` and ``noise_seed``
-    given here override the config's.
+    a config contributes ``root``, ``options``, ``num_train``, ``augment``, ``label_noise`` and
+    the validation split (``val_fraction`` of the first ``num_train`` samples, chosen by
+    ``val_seed``), and a `TrainConfig` its ``seed`` as the noise seed. ``label_noise`` and
+    ``noise_seed`` given here override the config's.
     """
     subdir, num_train, augment, noise, seed = "", None, True, 0.0, 0
+    val_fraction, val_seed = 0.0, 0
     if isinstance(config_or_name, str):
         name = config_or_name
     else:
@@ -127,6 +135,7 @@ def load_dataset(
         name, subdir = data_config.name, data_config.root
         num_train, augment = data_config.num_train, data_config.augment
         noise, seed = data_config.label_noise, getattr(config_or_name, "seed", 0)
+        val_fraction, val_seed = data_config.val_fraction, data_config.val_seed
         options = {**data_config.options, **options}
     noise = noise if label_noise is None else label_noise
     seed = seed if noise_seed is None else noise_seed
@@ -151,10 +160,16 @@ def load_dataset(
         # Exactly the stored value of a black pixel, rounding included.
         black = _normalise(name, np.zeros((1, len(_PIXEL_STATS[name][0]), 1, 1), np.uint8))
         pad_value = tuple(black.ravel().tolist())
+    # After label noise and num_train: the held-out samples keep whatever labels they have.
+    x_train, y_train, x_val, y_val = hold_out(
+        torch.as_tensor(x_train, dtype=torch.float32), y_train, val_fraction, seed=val_seed
+    )
     data = Dataset(
         name=name,
-        x_train=torch.as_tensor(x_train, dtype=torch.float32),
+        x_train=x_train,
         y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
         x_test=torch.as_tensor(x_test, dtype=torch.float32),
         y_test=torch.as_tensor(y_test, dtype=torch.int64),
         num_classes=num_classes,

@@ -1,8 +1,13 @@
-"""Evaluation of a model on a data set's test split, and the trained-weights file fit() writes.
+"""Evaluation of a model on a data set's splits, and the trained-weights file fit() writes.
 
-`evaluate` gives the ``val/loss`` and ``val/acc`` that fit() reports; `load_trained` rebuilds a
-model from a ``weights_out`` file (the agent serves it as the job's model artifact), so that
-``evaluate(load_trained(path), dataset)`` reproduces the run's final ``val/acc``.
+Metric names: ``test/loss`` and ``test/acc`` are the test set (reported, never used to choose
+anything); ``val/loss`` and ``val/acc`` are the validation set held out of the training set by
+``data.val_fraction`` (xsam/val_split.py), present only when it is set. Before the validation
+split existed the test set was reported as ``val/*``; migration 0004 renames those stored series.
+
+`evaluate` gives the numbers fit() reports; `load_trained` rebuilds a model from a
+``weights_out`` file (the agent serves it as the job's model artifact), so that
+``evaluate(load_trained(path), dataset)`` reproduces the run's final ``test/acc``.
 """
 
 from __future__ import annotations
@@ -57,21 +62,29 @@ def evaluate_ranks(model, data, autocast, channels_last, distributed, rank, worl
             dist.broadcast(buffer, 0)
     was_training = model.training
     model.eval()
-    x, y = data.x_test[rank::world], data.y_test[rank::world]
-    loss_sum, correct = _eval_sums(model, x, y, autocast, channels_last)
-    sums = torch.stack([loss_sum, correct])
+    splits = [("test", data.x_test, data.y_test)]
+    if data.x_val is not None and data.y_val is not None:
+        splits.append(("val", data.x_val, data.y_val))
+    parts = []
+    for _, x, y in splits:
+        parts.extend(_eval_sums(model, x[rank::world], y[rank::world], autocast, channels_last))
+    sums = torch.stack(parts)
     if distributed:
-        # Sync point: each rank scored a disjoint slice of the test set.
-        backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # Sync point: each rank scored a disjoint slice of every split (one all-reduce for all).
+        device = data.x_test.device
+        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         sums = sums.to(backend_device)
         dist.all_reduce(sums)
     model.train(was_training)
-    n = len(data.y_test)
-    return {"val/loss": float(sums[0]) / n, "val/acc": float(sums[1]) / n}
+    values: dict[str, float] = {}
+    for i, (split, _, y) in enumerate(splits):
+        values[f"{split}/loss"] = float(sums[2 * i]) / len(y)
+        values[f"{split}/acc"] = float(sums[2 * i + 1]) / len(y)
+    return values
 
 
 def accuracy_summary(accuracies: list[float]) -> dict[str, float]:
-    """``val/acc_best`` and ``val/acc_last5`` over the evaluations so far, oldest first.
+    """``test/acc_best`` and ``test/acc_last5`` over the evaluations so far, oldest first.
 
     The paper's authors report the best test accuracy of a run and the mean of its last five
     evaluations (fewer when there were fewer); with ``eval_every`` N these are evaluations,
@@ -80,7 +93,7 @@ def accuracy_summary(accuracies: list[float]) -> dict[str, float]:
     if not accuracies:
         raise ValueError("accuracies: need at least one evaluation (got an empty list)")
     last5 = accuracies[-5:]
-    return {"val/acc_best": max(accuracies), "val/acc_last5": sum(last5) / len(last5)}
+    return {"test/acc_best": max(accuracies), "test/acc_last5": sum(last5) / len(last5)}
 
 
 def evaluate(
@@ -88,20 +101,25 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and accuracy of ``model`` (in eval mode) on a data set split, on the model's device.
 
-    Returns ``{"val/loss", "val/acc"}``, the numbers fit() reports for the test split.
+    Returns ``{"<split>/loss", "<split>/acc"}``: for ``test`` and ``val`` the numbers fit()
+    reports under those names.
     """
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train' (got {split!r})")
+    if split not in ("test", "val", "train"):
+        raise ValueError(f"split must be 'test', 'val' or 'train' (got {split!r})")
+    x, y = {
+        "test": (dataset.x_test, dataset.y_test),
+        "val": (dataset.x_val, dataset.y_val),
+        "train": (dataset.x_train, dataset.y_train),
+    }[split]
+    if x is None or y is None:
+        raise ValueError("the data set has no validation split (data.val_fraction is 0)")
     device = next(model.parameters()).device
-    x, y = (
-        (dataset.x_test, dataset.y_test) if split == "test" else (dataset.x_train, dataset.y_train)
-    )
     x, y = x.to(device), y.to(device)
     was_training = model.training
     model.eval()
     loss_sum, correct = _eval_sums(model, x, y, contextlib.nullcontext, False, batch_size)
     model.train(was_training)
-    return {"val/loss": float(loss_sum) / len(y), "val/acc": float(correct) / len(y)}
+    return {f"{split}/loss": float(loss_sum) / len(y), f"{split}/acc": float(correct) / len(y)}
 
 
 def load_trained(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:

@@ -143,7 +143,7 @@ def fit(
 
     epoch0, batch0, step, epochs_done = 0, 0, 0, 0
     final: dict[str, float] = {}
-    accuracies: list[float] = []  # val/acc of every evaluation so far, for best and last-5
+    accuracies: list[float] = []  # test/acc of every evaluation so far, for best and last-5
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -167,6 +167,7 @@ def fit(
             "num_train": len(data.y_train),
             "label_noise_fraction": data.label_noise_fraction,
             "num_test": len(data.y_test),
+            "num_val": 0 if data.y_val is None else len(data.y_val),
         },
     )
 
@@ -278,7 +279,7 @@ def fit(
             data_event: dict[str, Any] = {"epoch": epochs_done, "step": step}
             if epochs_done % config.eval_every == 0 or epochs_done == epochs:
                 val = evaluate_ranks(model, data, autocast, channels_last, distributed, rank, world)
-                accuracies.append(val["val/acc"])
+                accuracies.append(val["test/acc"])
                 val.update(accuracy_summary(accuracies))
                 final.update(val)
                 metrics(step, epochs_done, val)

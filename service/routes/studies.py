@@ -131,7 +131,7 @@ def get_summary(
     study_id: StudyId,
     session: ReadSessionDep,
     owner: OwnerDep,
-    metric: MetricName = "val/acc",
+    metric: MetricName = "test/acc",
     mode: Literal["max", "min"] = "max",
     target: Annotated[float | None, Query(allow_inf_nan=False)] = None,
 ) -> StudySummary:
@@ -182,7 +182,7 @@ def get_curves(
     study_id: StudyId,
     session: ReadSessionDep,
     owner: OwnerDep,
-    name: MetricName = "val/acc",
+    name: MetricName = "test/acc",
     max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000,
 ) -> StudyCurves:
     """Per cell, at each step: mean, sd, min, max over the seeds that reported it (n)."""

@@ -87,7 +87,7 @@ def fit_and_check(config: TrainConfig, records: list[dict], tmp_path) -> dict:
     assert summary["epochs_completed"] == 2 and summary["steps"] == 8
     for name, value in summary["metrics"].items():
         assert math.isfinite(value), (name, value)
-    assert "val/acc" in summary["metrics"]
+    assert "test/acc" in summary["metrics"]
     started = next(r for r in records if r["kind"] == "event" and r["type"] == "started")
     assert started["data"]["device"].startswith("cuda")
     return summary

@@ -220,7 +220,7 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def run_study(client, alice, agent) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """Claim every job of a 3 arms × 2 ρ × 3 seeds study, ingest made-up val/acc series (and
+    """Claim every job of a 3 arms × 2 ρ × 3 seeds study, ingest made-up test/acc series (and
     α for XSAM), and finish them, one (sgd, ρ=0.1, seed 2) failed. Returns the study and, per
     job, what the test ingested."""
     study = submit_study(client, alice, baseline="sam", seeds=[0, 1, 2])
@@ -232,7 +232,7 @@ def run_study(client, alice, agent) -> tuple[dict[str, Any], dict[int, dict[str,
         values = [round(rng.uniform(0.5, 0.9), 4) for _ in STEPS]
         times = [T0 + timedelta(seconds=s * 1.5 + rng.random()) for s in STEPS]
         points = [
-            {"name": "val/acc", "step": s, "value": v, "epoch": i + 1, "time": t.isoformat()}
+            {"name": "test/acc", "step": s, "value": v, "epoch": i + 1, "time": t.isoformat()}
             for i, (s, v, t) in enumerate(zip(STEPS, values, times, strict=True))
         ]
         alphas, searches = [], []
@@ -287,12 +287,12 @@ def test_summary_equals_an_independent_recomputation(client, alice, agent, mode)
     target = 0.8 if mode == "max" else 0.6
     r = client.get(
         f"/v1/studies/{study['id']}/summary",
-        params={"metric": "val/acc", "mode": mode, "target": target},
+        params={"metric": "test/acc", "mode": mode, "target": target},
         headers=alice,
     )
     assert r.status_code == 200, r.text
     summary = r.json()
-    assert summary["metric"] == "val/acc" and summary["mode"] == mode
+    assert summary["metric"] == "test/acc" and summary["mode"] == mode
     assert [c["key"] for c in summary["cells"]] == KEYS
     best = max if mode == "max" else min
 
@@ -374,12 +374,12 @@ def test_curves_equal_an_independent_recomputation(client, alice, agent, max_poi
     study, ingested = run_study(client, alice, agent)
     r = client.get(
         f"/v1/studies/{study['id']}/curves",
-        params={"name": "val/acc", "max_points": max_points},
+        params={"name": "test/acc", "max_points": max_points},
         headers=alice,
     )
     assert r.status_code == 200, r.text
     curves = r.json()
-    assert curves["name"] == "val/acc" and list(curves["cells"]) == KEYS
+    assert curves["name"] == "test/acc" and list(curves["cells"]) == KEYS
     lo, hi = min(STEPS), max(STEPS)
     for key, points in curves["cells"].items():
         # Every job that reported counts, the failed one included.

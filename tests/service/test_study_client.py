@@ -60,7 +60,7 @@ def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
         # Claimed seed-major (sam 0, xsam 0, sam 1, xsam 1): xsam ends 0.02 above sam.
         values = [0.5 + 0.01 * i + 0.1 * (job["cell"] == "xsam"), 0.6 + 0.02 * i]
         points = [
-            {"name": "val/acc", "step": s, "value": v}
+            {"name": "test/acc", "step": s, "value": v}
             for s, v in zip((10, 20), values, strict=True)
         ]
         agent.ingest_metrics(job["id"], lease, points)
@@ -72,7 +72,7 @@ def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
         ["sam", "0", "0", "2", "0", "0"], ["xsam", "0", "0", "2", "0", "0"],
     ]  # fmt: skip
 
-    summary = user.study_summary(study_id, metric="val/acc", mode="max", target=0.6)
+    summary = user.study_summary(study_id, metric="test/acc", mode="max", target=0.6)
     code, out, _ = xsam(capsys, url, token, "compare", str(study_id), "--target", "0.6", "--json")
     assert code == 0 and json.loads(out) == summary
     code, out, _ = xsam(capsys, url, token, "compare", str(study_id), "--csv")
@@ -86,7 +86,7 @@ def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
     # The differences are all 0.02 (to rounding): no spread, so no t-test.
     assert xsam_cell["vs_baseline"]["final"]["t"] is None
 
-    curves = user.study_curves(study_id, name="val/acc", max_points=10)
+    curves = user.study_curves(study_id, name="test/acc", max_points=10)
     assert [p["n"] for p in curves["cells"]["sam"]] == [2, 2]
 
     # Finished: cancelling is a one-line error; another owner sees nothing.

@@ -42,7 +42,7 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
     steps_per_epoch = 600 // 50
     total = 3 * steps_per_epoch
     assert [p["step"] for p in series["train/loss"]] == list(range(2, total + 1, 2))
-    assert [p["epoch"] for p in series["val/acc"]] == [1, 2, 3]
+    assert [p["epoch"] for p in series["test/acc"]] == [1, 2, 3]
     # Both ranks used the same α at every search (fit gathers them under DDP).
     assert series["xsam/alpha_rank_spread"] and all(
         p["value"] == 0 for p in series["xsam/alpha_rank_spread"]
@@ -71,8 +71,8 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
     model = load_trained(path)
     data = load_dataset(TrainConfig.model_validate(config), data_root=data_root)
     measured = evaluate(model, data)
-    assert measured["val/acc"] == pytest.approx(series["val/acc"][-1]["value"], abs=1e-6)
-    assert measured["val/loss"] == pytest.approx(series["val/loss"][-1]["value"], rel=1e-4)
+    assert measured["test/acc"] == pytest.approx(series["test/acc"][-1]["value"], abs=1e-6)
+    assert measured["test/loss"] == pytest.approx(series["test/loss"][-1]["value"], rel=1e-4)
     assert (serve.data_dir / "artifacts" / f"job-{job['id']}" / "config.json").exists()
 
 
@@ -120,30 +120,44 @@ def _train_processes() -> list[tuple[int, str]]:
     return [
         (int(pid), args)
         for pid, args in (r for r in rows if len(r) == 2)
-        if args.startswith(("ray::RayTrainWorker", "ray::TrainController", "ray::JobControl"))
+        if args.startswith(
+            ("ray::RayTrainWorker", "ray::TrainController", "ray::JobControl", "ray::WarmRank")
+        )
     ]
 
 
-def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
-    serve, api, tiny_config, wait_for, wait_terminal
+@pytest.mark.parametrize(
+    ("workers", "rank_process"),
+    [
+        # One rank: a warm actor (worker/warm_pool.py); the job runs again in another one.
+        (1, "ray::WarmRank.run"),
+        # Two ranks: a TorchTrainer; Ray Train restarts the worker group.
+        (2, "ray::RayTrainWorker"),
+    ],
+)
+def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
+    serve, api, tiny_config, wait_for, wait_terminal, workers, rank_process
 ):
     epochs = 25
 
-    def train_workers() -> set[int]:
-        return {pid for pid, args in _train_processes() if args.startswith("ray::RayTrainWorker")}
+    def rank_pids() -> set[int]:
+        return {pid for pid, args in _train_processes() if args.startswith(rank_process)}
 
     # A worker of an earlier test's run may still be on its way out (Ray gives resources back
-    # asynchronously): only a worker that appeared after this submit is this job's rank.
-    earlier = train_workers()
-    job = api.submit(tiny_config(schedule__epochs=epochs), name="rank-killed")
+    # asynchronously): only a rank process that appeared after this submit is this job's rank.
+    earlier = rank_pids()
+    job = api.submit(
+        tiny_config(schedule__epochs=epochs, resources={"num_workers": workers}),
+        name="rank-killed",
+    )
 
     def past_epoch_2():
         progress = api.get_job(job["id"])["progress"] or {}
         return (progress.get("epoch") or 0) >= 2
 
     wait_for(past_epoch_2, 240, 0.3, "two epochs")
-    ranks = sorted(train_workers() - earlier)
-    assert ranks, f"no training worker of this job among {sorted(train_workers())}"
+    ranks = sorted(rank_pids() - earlier)
+    assert ranks, f"no rank process of this job among {sorted(rank_pids())}"
     subprocess.run(["kill", "-9", str(ranks[-1])], check=True)
 
     done = wait_terminal(api, job["id"])
@@ -161,7 +175,9 @@ def test_a_killed_rank_is_restarted_by_ray_train_and_resumes_within_the_attempt(
 def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
     serve_factory, tiny_config, wait_for, wait_terminal
 ):
-    # A server of its own to kill (the shared one, if started, is idle by now).
+    # A server of its own to kill (the shared one, if started, is idle by now, but keeps its
+    # idle warm actors: only the victim's processes must go).
+    others = {pid for pid, _ in _train_processes()}
     victim = serve_factory("killed").start()
     epochs = 20  # long enough that the kill lands mid-run
     with victim.client() as api:
@@ -179,9 +195,16 @@ def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
     # The dead driver's actors (controller, ranks, control actor) are reaped by Ray; a rank
     # that lived on would be fenced by the service (its lease token is stale after requeue).
     try:
-        wait_for(lambda: not _train_processes(), 60, 1, "the killed server's Ray processes")
+        wait_for(
+            lambda: not [p for p, _ in _train_processes() if p not in others],
+            60,
+            1,
+            "the killed server's Ray processes",
+        )
     finally:
         for pid, _ in _train_processes():  # clean up, whatever the assertion said
+            if pid in others:
+                continue
             subprocess.run(["kill", "-9", str(pid)], check=False)
 
     victim.start()
@@ -195,7 +218,7 @@ def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
         assert "requeued" in [e["type"] for e in events]
         series = api.metrics(job["id"])["series"]
         # Every epoch exactly once, every logged step exactly once: none missing, none twice.
-        assert [p["epoch"] for p in series["val/acc"]] == list(range(1, epochs + 1))
+        assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
         steps = [p["step"] for p in series["train/loss"]]
         assert steps == list(range(2, epochs * 12 + 1, 2))
         done_epochs = [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"]
@@ -249,7 +272,7 @@ def test_ctrl_c_releases_the_running_job_and_the_next_start_resumes_it(
     assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
         range(1, epochs + 1)
     )
-    assert [p["epoch"] for p in series["val/acc"]] == list(range(1, epochs + 1))
+    assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
     assert [p["step"] for p in series["train/loss"]] == list(range(2, epochs * 12 + 1, 2))
 
 

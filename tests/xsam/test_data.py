@@ -180,6 +180,52 @@ def test_augmentation_is_reproducible_and_per_sample():
     assert not torch.equal(a, x)
 
 
+def test_val_fraction_holds_out_the_same_samples_whatever_the_run_seed():
+    """data.val_fraction moves a share of the training set into a validation set, chosen by
+    data.val_seed alone: every job of a study (any seed), rank and retry holds out the same."""
+    from xsam.config import DataConfig
+
+    def load(**data):
+        config = DataConfig(name="synthetic", **data)
+        return load_dataset(config, num_train=50, num_test=8, shape=[3])
+
+    whole = load()
+    a, b = load(val_fraction=0.2), load(val_fraction=0.2)
+    assert whole.x_val is None and whole.y_val is None
+    assert len(a.y_train) == 40 and len(a.y_val) == 10 and len(a.y_test) == 8
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.x_train, b.x_train)
+    # Disjoint, and together exactly the training set.
+    rows = {tuple(r.tolist()) for r in whole.x_train}
+    train, val = {tuple(r.tolist()) for r in a.x_train}, {tuple(r.tolist()) for r in a.x_val}
+    assert not train & val and train | val == rows
+    other = load(val_fraction=0.2, val_seed=1)
+    assert not torch.equal(other.x_val, a.x_val)
+    assert torch.equal(a.x_test, whole.x_test)  # the test set is never touched
+
+
+@pytest.mark.parametrize(
+    "fraction",
+    [
+        0.001,  # rounds to no validation sample at all
+        0.999,  # rounds to no training sample left
+    ],
+)
+def test_val_fraction_that_leaves_a_split_empty_is_refused(fraction):
+    from xsam.config import DataConfig
+
+    with pytest.raises(ConfigurationError, match=r"data\.val_fraction"):
+        load_dataset(DataConfig(name="synthetic", val_fraction=fraction), num_train=50)
+
+
+def test_val_fraction_outside_0_1_is_a_config_error():
+    from pydantic import ValidationError
+
+    from xsam.config import DataConfig
+
+    with pytest.raises(ValidationError, match="val_fraction"):
+        DataConfig(name="synthetic", val_fraction=1.0)
+
+
 def test_cutout_cuts_about_half_the_samples():
     x = torch.randn(400, 3, 32, 32)
     # A pad value far from 0 so that only Cutout makes all-zero pixels.

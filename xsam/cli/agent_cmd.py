@@ -44,6 +44,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         default=1,
         help="worker-group restarts within one attempt (Ray Train FailureConfig; default 1)",
     )
+    parser.add_argument(
+        "--warm-actors",
+        type=int,
+        default=2,
+        help="warm actors kept for one-rank CPU jobs; 0 = every job through Ray Train (default 2)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
 
@@ -59,6 +65,7 @@ def build_agent(
     data_root: str | None = None,
     agent_id: str = "",
     max_failures: int = 1,
+    warm_actors: int = 2,
 ):  # type: ignore[no-untyped-def]
     """The `Agent` the command runs; `xsam serve` builds its embedded agent with it too."""
     from worker.agent import Agent, AgentSettings
@@ -79,6 +86,7 @@ def build_agent(
         agent_id=agent_id,
         ray_address=ray_address,
         max_jobs=max_jobs,
+        warm_actors=warm_actors,
     )
     return Agent(settings)
 
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         agent_id=args.agent_id,
         max_failures=args.max_failures,
+        warm_actors=args.warm_actors,
     )
     stop = threading.Event()
     stop_on_signals(stop)

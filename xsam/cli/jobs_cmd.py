@@ -230,9 +230,10 @@ def watch(api, args: argparse.Namespace) -> int:
     message = f"job {job['id']} {job['status']}"
     if job.get("error"):
         message += f": {job['error']['type']}: {job['error']['message']}"
-    val = (job.get("latest_metrics") or {}).get("val/acc")
-    if val is not None:
-        message += f" (val/acc {val['value']:.4f})"
+    latest = job.get("latest_metrics") or {}
+    shown = [f"{k} {latest[k]['value']:.4f}" for k in ("val/acc", "test/acc") if k in latest]
+    if shown:
+        message += f" ({', '.join(shown)})"
     print(message)
     return 0 if job["status"] == "succeeded" else 1
 
@@ -243,7 +244,7 @@ def _postfix(job: dict[str, Any], p: dict[str, Any]) -> dict[str, str]:
     if p.get("epoch") is not None:
         post["epoch"] = f"{p['epoch']}/{p.get('epochs')}"
     for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("val/acc", "val_acc"),
-                       ("xsam/alpha", "α")):  # fmt: skip
+                       ("test/acc", "test_acc"), ("xsam/alpha", "α")):  # fmt: skip
         if key in latest:
             post[label] = f"{latest[key]['value']:.4g}"
     return post

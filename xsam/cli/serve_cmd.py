@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         "--ray-temp-dir", default=None, help="local Ray's temp dir (default /tmp/xsam-ray-<id>)"
     )
     agent.add_argument("--max-jobs", type=int, default=4, help="jobs at once (default 4)")
+    agent.add_argument(
+        "--warm-actors",
+        type=int,
+        default=2,
+        help="warm actors kept for one-rank CPU jobs; 0 = every job through Ray Train (default 2)",
+    )
     agent.add_argument("--data-root", default=None, help="data sets root ($XSAM_DATA_ROOT)")
     agent.add_argument(
         "--storage-path", type=Path, default=None, help="checkpoints (<data-dir>/checkpoints)"
@@ -373,6 +379,7 @@ def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.soc
                 artifacts_dir=settings.artifacts_path,
                 data_root=args.data_root,
                 agent_id=f"serve-{args.port}",
+                warm_actors=args.warm_actors,
             )
             agent.connect()
             print(f"xsam: agent running on Ray at {address}", file=sys.stderr, flush=True)

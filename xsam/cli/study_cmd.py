@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--json", action="store_true", help="print the Study as JSON")
     p = add("compare", "per cell mean ± sd over seeds, paired with the baseline")
     p.add_argument("study_id", type=int, metavar="ID")
-    p.add_argument("--metric", default="val/acc", help="metric name (default val/acc)")
+    p.add_argument("--metric", default="test/acc", help="metric name (default test/acc)")
     p.add_argument("--mode", default="max", choices=("max", "min"), help="is higher better?")
     p.add_argument("--target", type=float, default=None, help="report the time to reach it")
     fmt = p.add_mutually_exclusive_group()
@@ -130,16 +130,16 @@ def _status_table(api, study: dict[str, Any]) -> None:
     counts: dict[str, dict[str, int]] = {
         c["key"]: dict.fromkeys(STATUSES, 0) for c in study["cells"]
     }
-    val: dict[str, list[float]] = {c["key"]: [] for c in study["cells"]}
+    acc: dict[str, list[float]] = {c["key"]: [] for c in study["cells"]}
     for job in jobs:
         counts[job["cell"]][job["status"]] += 1
-        latest = (job.get("latest_metrics") or {}).get("val/acc")
+        latest = (job.get("latest_metrics") or {}).get("test/acc")
         if latest is not None:
-            val[job["cell"]].append(latest["value"])
+            acc[job["cell"]].append(latest["value"])
     print(f"study {study['id']}  {study.get('name') or ''}  {study['status']}".rstrip())
-    rows = [("CELL", *(s.upper() for s in STATUSES), "VAL/ACC (latest, mean)")]
+    rows = [("CELL", *(s.upper() for s in STATUSES), "TEST/ACC (latest, mean)")]
     for key, c in counts.items():
-        mean = f"{sum(val[key]) / len(val[key]):.4f}" if val[key] else "-"
+        mean = f"{sum(acc[key]) / len(acc[key]):.4f}" if acc[key] else "-"
         rows.append((key, *(str(c[s]) for s in STATUSES), mean))
     _table(rows)
 

@@ -74,8 +74,9 @@ class _Recorder:
             for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("xsam/alpha", "α")):
                 if key in self.latest:
                     post[label] = f"{self.latest[key]:.4g}"
-            if "val/acc" in self.latest:
-                post["val_acc"] = f"{self.latest['val/acc']:.4f}"
+            for key, label in (("val/acc", "val_acc"), ("test/acc", "test_acc")):
+                if key in self.latest:
+                    post[label] = f"{self.latest[key]:.4f}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
 
@@ -161,8 +162,11 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['status']}: {summary['epochs_completed']} epochs, {summary['steps']} steps "
         f"in {summary['fit_seconds']:.1f} s",
     ]
-    if "val/acc" in m:
-        parts.append(f"val/acc {m['val/acc']:.4f}  val/loss {m['val/loss']:.4f}")
+    for split in ("val", "test"):
+        if f"{split}/acc" in m:
+            parts.append(
+                f"{split}/acc {m[f'{split}/acc']:.4f}  {split}/loss {m[f'{split}/loss']:.4f}"
+            )
     if "train/loss" in m:
         parts.append(f"train/loss {m['train/loss']:.4f}")
     if summary["alpha"] is not None:
