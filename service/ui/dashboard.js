@@ -8,8 +8,8 @@ const POLL_MS = 2000;
 const MAX_POINTS = 400;
 // Chart → the metric series it shows.
 const CHARTS = {
-  loss: ["train/loss", "val/loss"],
-  accuracy: ["train/acc", "val/acc"],
+  loss: ["train/loss", "val/loss", "test/loss"],
+  accuracy: ["train/acc", "val/acc", "test/acc"],
   lr: ["lr"],
   alpha: ["xsam/alpha"],
   phi: ["xsam/phi"],
@@ -167,12 +167,12 @@ async function jobsView(view, params) {
         el("td", { class: `status-${j.status}` }, j.status),
         el("td", {}, p.epoch !== undefined && p.epoch !== null ? `${pct(p.fraction)} (epoch ${p.epoch}/${p.epochs})` : pct(p.fraction)),
         el("td", {}, j.status === "running" ? duration(p.eta_s) : "–"),
-        el("td", {}, fmt(j.latest_metrics["val/acc"]?.value)),
+        el("td", {}, fmt(j.latest_metrics["test/acc"]?.value)),
         el("td", {}, j.study_id ? `study ${j.study_id}` : ""),
         el("td", {}, new Date(j.created_at).toLocaleString()));
     });
     holder.replaceChildren(table(
-      ["id", "name", "status", "progress", "ETA", "val/acc", "study", "created"], rows));
+      ["id", "name", "status", "progress", "ETA", "test/acc", "study", "created"], rows));
   });
 }
 
@@ -315,7 +315,7 @@ async function studiesView(view) {
 }
 
 async function studyView(view, id, params) {
-  const metric = params.get("metric") || "val/acc";
+  const metric = params.get("metric") || "test/acc";
   const mode = params.get("mode") || (metric.includes("loss") ? "min" : "max");
   const head = el("div");
   const summary = el("div", { id: "study-summary" });

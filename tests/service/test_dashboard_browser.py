@@ -219,7 +219,7 @@ def test_a_finished_studys_page_has_one_band_per_cell(server, browser, clients, 
         seed = job["config"]["seed"]
         lift = 0.1 + 0.02 * seed if job["cell"] == "xsam" else 0.0
         agent.ingest_metrics(job["id"], lease, [
-            {"name": "val/acc", "step": s, "value": 0.5 + lift + 0.03 * s + 0.01 * seed}
+            {"name": "test/acc", "step": s, "value": 0.5 + lift + 0.03 * s + 0.01 * seed}
             for s in range(1, 11)
         ])  # fmt: skip
         agent.finish(job["id"], lease, "succeeded")
