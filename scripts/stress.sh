@@ -35,9 +35,9 @@ plan=$(cat <<'EOF'
 30 tests/xsam/test_optim.py::test_ddp_ranks_agree_and_equal_one_process_on_the_global_batch
 10 tests/xsam/test_training.py -k ddp
 10 tests/worker/test_e2e.py
-10 tests/worker/test_study_e2e.py
+10 tests/worker/test_study_e2e.py tests/worker/test_logs_e2e.py
 10 tests/deploy/test_topology.py
-10 tests/worker/test_heartbeat_and_failures.py tests/worker/test_jobs_cli.py tests/service/test_client.py
+10 tests/service/test_client.py tests/service/test_serve_single.py tests/service/test_dashboard_browser.py tests/worker/test_heartbeat_and_failures.py tests/worker/test_jobs_cli.py tests/bench
 EOF
 )
 if [ ${#tests[@]} -gt 0 ]; then
