@@ -4,6 +4,7 @@
 #
 #   scripts/stress.sh                       # the default plan: DDP tests x30, the others x10
 #   scripts/stress.sh -n 5 TEST [TEST ...]  # these pytest node ids / files, 5 runs each
+#   scripts/stress.sh -n 10 -- tests/xsam/test_training.py -k ddp   # pytest options after --
 #   scripts/stress.sh --list                # print the default plan
 #
 # Each run is its own pytest process (as CI's is), so a hang at interpreter exit counts too; a run
@@ -23,8 +24,9 @@ while [ $# -gt 0 ]; do
         -n) runs=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --list) list=true; shift ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
-        -*) echo "stress: unknown option $1 (see --help)" >&2; exit 2 ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+        --) shift; tests+=("$@"); break ;;
+        -*) echo "stress: unknown option $1 (see --help; pytest options go after --)" >&2; exit 2 ;;
         *) tests+=("$1"); shift ;;
     esac
 done
@@ -62,9 +64,20 @@ while read -r n selection; do
         log="$out/run.log"
         start=$(date +%s)
         # setsid: the run and everything it starts form one process group we can kill whole.
-        setsid timeout --kill-after=10 -s TERM "$timeout" \
+        # The session mark (tests/conftest.py) is ours, so that daemons the run started outside
+        # its group (Ray's) can be found and killed after a hang too.
+        mark=stress-$$-$total
+        XSAM_TEST_SESSION=$mark setsid timeout --kill-after=10 -s TERM "$timeout" \
             .venv/bin/python -m pytest -q -p no:cacheprovider -x $selection >"$log" 2>&1
         rc=$?
+        for env in /proc/[0-9]*/environ; do
+            if grep -qz "^XSAM_TEST_SESSION=$mark\$" "$env" 2>/dev/null; then
+                pid=${env#/proc/}
+                pid=${pid%/environ}
+                echo "stress: run $((i)) left process $pid running; killing it"
+                kill -9 "$pid" 2>/dev/null
+            fi
+        done
         took=$(($(date +%s) - start))
         times+=("$took")
         total=$((total + 1))

@@ -15,7 +15,7 @@ import pytest
 #: Inherited by every process the tests start (servers, Ray daemons, spawned ranks), so that the
 #: session can find and kill whatever is left at its end, even daemons that left our tree.
 SESSION_MARK = "XSAM_TEST_SESSION"
-os.environ[SESSION_MARK] = uuid.uuid4().hex
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)  # scripts/stress.sh sets its own
 
 # Keep every Ray process the tests start (and their children) on 127.0.0.1: without this Ray
 # resolves "127.0.0.1" to the machine's own interface address and talks over it.
