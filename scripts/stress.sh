@@ -103,7 +103,7 @@ while read -r n selection; do
 done <<<"$plan"
 
 echo
-echo "stress summary ($(date -u +%FT%TZ), $(nproc) cores):"
+echo "stress summary ($(date -u +%FT%TZ), $(getconf _NPROCESSORS_ONLN) cores):"
 printf '  %s\n' "${summary[@]}"
 echo "$((total - bad))/$total runs passed"
 [ $bad -eq 0 ]

@@ -44,12 +44,28 @@ def _one_torch_thread_per_test():
     yield
 
 
+def _ancestors() -> set[int]:
+    """This process and the ones above it (a launcher such as scripts/stress.sh may share the
+    mark: it must not be killed)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the command is state
+    return pids
+
+
 def _session_processes() -> list[int]:
-    """Processes other than this one whose environment carries this session's mark."""
+    """Processes other than this one and its ancestors whose environment carries this
+    session's mark."""
     mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    keep = _ancestors()
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in keep:
             continue
         with contextlib.suppress(OSError):
             if mark in (entry / "environ").read_bytes().split(b"\0"):
