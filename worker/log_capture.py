@@ -106,6 +106,20 @@ class LogShipper:
         with self._lock:
             return len(self._lines)
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send what is buffered now (for up to ``timeout`` s) and keep capturing; True when
+        nothing is left. A rank calls it before it reports an outcome: once the agent knows the
+        outcome it finishes the job, and lines sent after that are refused with the lease."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._lost.is_set():
+            with self._lock:
+                if not self._lines:
+                    return True
+            self._wake.set()
+            time.sleep(0.05)
+        with self._lock:
+            return not self._lines
+
     def lose_lease(self) -> None:
         self._lost.set()
         with self._lock:

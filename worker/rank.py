@@ -59,19 +59,20 @@ def run_rank(spec: dict[str, Any], *, rank: int, device: str) -> dict[str, Any] 
     with capture_rank_logs(
         client, spec["job_id"], spec["lease_token"], rank,
         interval=spec.get("report_interval_s", 1.0),
-    ):  # fmt: skip
+    ) as shipper:  # fmt: skip
         record_environment(client, spec["job_id"], spec["lease_token"], spec["attempt"], rank)
         try:
-            return _train(spec, rank, control, client, device)
+            return _train(spec, rank, control, client, device, shipper)
         except BaseException:
             text = traceback.format_exc()
             sys.stderr.write(text)  # into the job's log too
+            shipper.flush(FINAL_FLUSH_S)  # before the agent can learn the outcome
             ray.get(control.set_traceback.remote(rank, text))
             raise
 
 
 def _train(
-    spec: dict[str, Any], rank: int, control: Any, client: Any, device: str
+    spec: dict[str, Any], rank: int, control: Any, client: Any, device: str, shipper: Any
 ) -> dict[str, Any] | None:
     from worker.reporter import Reporter
     from xsam.config import TrainConfig
@@ -137,6 +138,9 @@ def _train(
         # Train does not restart the group; the agent finishes the job `failed`.
         text = traceback.format_exc()
         sys.stderr.write(text)  # into the job's log too
+        # Delivered before the outcome: the agent finishes the job (and ends the lease that
+        # fences log lines) as soon as it knows it.
+        shipper.flush(FINAL_FLUSH_S)
         left = reporter.close(FINAL_FLUSH_S) if reporter is not None else None
         error = {"type": exc.code, "message": str(exc), "traceback": text}
         ray.get(control.set_outcome.remote({"status": "failed", "error": error, "rank": rank,

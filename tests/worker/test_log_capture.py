@@ -102,3 +102,20 @@ def test_http_request_lines_are_not_shipped():
         logging.getLogger("httpx").info("HTTP Request: POST http://x/v1/agent/jobs/7/metrics")
         logging.getLogger("httpx").warning("retrying")
     assert [line["text"] for line in client.lines] == ["httpx: retrying"]
+
+
+def test_flush_delivers_what_is_buffered_while_capture_goes_on():
+    """A rank flushes before it reports its outcome: the agent then ends the lease, and lines
+    sent after that would be refused. With a shipping interval far longer than the test, only
+    flush() can have sent them."""
+    client = FakeClient()
+    with capture_rank_logs(client, 7, "lease", rank=0, interval=60) as shipper:
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("DivergedError: at step 4", file=sys.stderr)
+        assert shipper.flush(5.0)
+        assert [line["text"] for line in client.lines] == [
+            "Traceback (most recent call last):",
+            "DivergedError: at step 4",
+        ]
+        print("still captured")
+    assert client.lines[-1]["text"] == "still captured"
