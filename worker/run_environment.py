@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import socket
 import subprocess
@@ -53,6 +54,7 @@ def describe(rank: int, attempt: int) -> dict[str, Any]:
         "attempt": attempt,
         "rank": rank,
         "host": socket.gethostname(),
+        "pid": os.getpid(),  # the rank's process on that host
         "xsam": _version("xsam-service"),
         "git": _git_revision(),
         "python": platform.python_version(),
