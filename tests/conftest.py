@@ -1,4 +1,5 @@
-"""Session-wide test settings. Area fixtures live in tests/<area>/conftest.py."""
+"""Session-wide test settings and the session's Ray/serve fixtures (tests/ray_support.py). Other
+area fixtures live in tests/<area>/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+# The session-wide Ray cluster and `xsam serve` fixtures of tests/worker and tests/faults.
+from ray_support import (  # noqa: F401
+    _tiny_config_fixture,
+    _wait_for_fixture,
+    _wait_terminal_fixture,
+    api,
+    data_root,
+    ray_cluster,
+    serve,
+    serve_factory,
+)
 
 #: Inherited by every process the tests start (servers, Ray daemons, spawned ranks), so that the
 #: session can find and kill whatever is left at its end, even daemons that left our tree.
