@@ -1,0 +1,8 @@
+"""Faults survived, with real processes: a PostgreSQL restart, a killed API, agent or rank,
+storage that cannot be written, a stalled stream. These tests need ray and the API's packages;
+the session's Ray cluster and `xsam serve` fixtures live in tests/ray_support.py."""
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("fastapi")
