@@ -3,11 +3,15 @@ different body under the same key is a 409, and keys expire."""
 
 from __future__ import annotations
 
-import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 from service_support import ADMIN, CONFIG, LiveServer, make_settings
+from sqlalchemy import update
+
+from service.db.engine import run_in_transaction
+from service.db.models import Job
 
 
 def submit(url: str, key: str, **body) -> httpx.Response:
@@ -49,20 +53,30 @@ def test_defaults_spelled_out_are_the_same_body(live_server):
     assert spelled.status_code == 200 and spelled.json()["id"] == first.json()["id"]
 
 
+def _submitted_long_ago(server: LiveServer, job_id: int) -> None:
+    """As if the key's ttl had passed since the job was submitted (no waiting for it)."""
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    run_in_transaction(
+        server.app.state.xsam.writer,
+        lambda s: s.execute(update(Job).where(Job.id == job_id).values(created_at=long_ago)),
+    )
+
+
 def test_keys_expire(db_url, tmp_path):
-    settings = make_settings(db_url, tmp_path, idempotency_key_ttl_s=1.0)
+    # A ttl far longer than the test: a key expires only when its job is made old by hand.
+    settings = make_settings(db_url, tmp_path, idempotency_key_ttl_s=3600)
     with LiveServer(settings) as server:
         url = server.url
         first = submit(url, "k3")
         assert submit(url, "k3").status_code == 200
-        time.sleep(1.2)
+        _submitted_long_ago(server, first.json()["id"])
         # After the ttl the key names a new job, with the same body or another one.
         again = submit(url, "k3")
         assert again.status_code == 201 and again.json()["id"] != first.json()["id"]
         assert submit(url, "k3").json()["id"] == again.json()["id"]
         other = submit(url, "k3", priority=9)
         assert other.status_code == 409
-        time.sleep(1.2)
+        _submitted_long_ago(server, again.json()["id"])
         assert submit(url, "k3", priority=9).status_code == 201
         assert len(httpx.get(f"{url}/v1/jobs", headers=ADMIN).json()["items"]) == 3
 

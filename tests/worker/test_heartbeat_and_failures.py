@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,16 +13,32 @@ from xsam.errors import DataError, DivergedError
 
 
 class FakeAgentApi:
-    def __init__(self, replies):
-        self.replies = list(replies)  # a dict reply, or an exception to raise
+    def __init__(self, replies, witness_replies=()):
+        # A dict reply, or an exception to raise; the last one repeats. Job 8, the witness,
+        # gets its own replies.
+        self.replies = {None: list(replies), 8: list(witness_replies)}
         self.beats: list[tuple[int, dict | None]] = []
+        self.beaten = threading.Condition()
 
     def heartbeat(self, job_id, lease_token, progress=None):
-        self.beats.append((job_id, progress))
-        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        with self.beaten:
+            self.beats.append((job_id, progress))
+            self.beaten.notify_all()
+        replies = self.replies[8 if job_id == 8 else None]
+        reply = replies.pop(0) if len(replies) > 1 else replies[0]
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    def beats_of(self, job_id: int) -> int:
+        with self.beaten:
+            return sum(1 for j, _ in self.beats if j == job_id)
+
+    def wait_for_beats(self, job_id: int, n: int, timeout: float = 5.0) -> bool:
+        """Until job_id has been beaten n times (the beat thread is single: every earlier beat's
+        reply has been acted on once the next beat starts)."""
+        with self.beaten:
+            return self.beaten.wait_for(lambda: self.beats_of(job_id) >= n, timeout)
 
 
 def _wait(event: threading.Event, timeout: float = 5.0) -> bool:
@@ -38,21 +53,25 @@ def test_cancel_requested_is_passed_on_once_with_progress_sent():
     beats.add(Lease(7, "t", 5.0, on_cancel=lambda: (calls.append(1), cancelled.set()),
                     on_lost=lost.set, progress=lambda: {"step": 3}))  # fmt: skip
     assert _wait(cancelled)
-    time.sleep(0.3)
+    # Two more replies with cancel_requested have been acted on once the fourth beat starts.
+    assert api.wait_for_beats(7, 4)  # (the interval is capped at 0.05 s)
     beats.stop()
     assert calls == [1] and not lost.is_set()
-    assert api.beats[0] == (7, {"step": 3}) and len(api.beats) >= 3  # interval capped at 0.05
+    assert api.beats[0] == (7, {"step": 3})
 
 
 def test_a_lost_lease_stops_its_heartbeats():
-    api = FakeAgentApi([LeaseLost(409, "lease_lost", "gone")])
+    api = FakeAgentApi([LeaseLost(409, "lease_lost", "gone")], [{"cancel_requested": False}])
     lost = threading.Event()
     beats = Heartbeats(api, max_interval=0.05).start()
     beats.add(Lease(7, "t", 1.0, on_cancel=lambda: None, on_lost=lost.set))
     assert _wait(lost)
-    time.sleep(0.2)
+    # A witness lease with the same interval: by its third beat after the loss, job 7 would
+    # have been due again twice had it still been held.
+    beats.add(Lease(8, "w", 1.0, on_cancel=lambda: None, on_lost=lambda: None))
+    assert api.wait_for_beats(8, 3)
     beats.stop()
-    assert len(api.beats) == 1 and beats.held() == []
+    assert api.beats_of(7) == 1 and beats.held() == [8]
 
 
 def test_an_unreachable_service_is_retried():

@@ -54,6 +54,15 @@ def event(type_, key=None, **data):
     return {"kind": "event", "type": type_, "message": type_, "data": data, "key": key}
 
 
+def _until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_records_arrive_in_batches_and_nothing_is_lost():
     service = FakeService()
     reporter = Reporter(service, 1, "lease", interval=0.05).start()
@@ -99,13 +108,11 @@ def test_a_lost_lease_stops_all_reporting():
     reporter = Reporter(service, 1, "lease", interval=0.05).start()
     reporter(metrics(1, loss=1.0))
     reporter.flush()
-    time.sleep(0.3)
+    assert _until(lambda: reporter.pending() == 0)  # the first batch is delivered
     reporter(metrics(2, loss=1.0))
     reporter(event("epoch_done", key="epoch_done:1"))
-    deadline = time.monotonic() + 5
-    while not reporter.lease_lost and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert reporter.lease_lost
+    assert _until(lambda: reporter.lease_lost)  # the second is refused: the lease is lost
+    assert service.points == {("loss", 1): 1.0}
     calls = service.calls
     reporter(metrics(3, loss=1.0))
     assert reporter.close(1) == {"points": [], "events": []}
