@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command of the README: sets up .venv, then runs every test but the GPU ones.
+# The test command of the README: sets up .venv, runs the checks (ruff, ruff format, mypy), then
+# every test but the GPU ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,5 +13,16 @@ if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } \
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         chromium chromium-driver >/dev/null; } \
         || echo "could not install them: the browser tests will skip (or fail under CI)" >&2
+fi
+# The house rules, before any test: lint, format and types. Each check runs even when an
+# earlier one failed, so one run names every check that fails; then the run stops there.
+failed=()
+echo "checks: ruff check, ruff format --check, mypy" >&2
+.venv/bin/ruff check . || failed+=("ruff check .")
+.venv/bin/ruff format --check . || failed+=("ruff format --check .")
+.venv/bin/mypy || failed+=("mypy")
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'FAILED check: %s\n' "${failed[@]}" >&2
+    exit 1
 fi
 exec .venv/bin/python -m pytest -m "not gpu" "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,33 @@ def test_first_lines_give_the_run_and_test_commands():
     assert lines == ["bash scripts/setup.sh && .venv/bin/xsam serve", "bash scripts/test.sh"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci and "XSAM_REQUIRE_POSTGRES=1" in ci
+
+
+def test_the_test_command_runs_the_checks_before_pytest():
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    # (commands only: the comments name the checks too)
+    commands = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    at = {
+        check: next((i for i, line in enumerate(commands) if line.startswith(check)), None)
+        for check in (
+            ".venv/bin/ruff check .",
+            ".venv/bin/ruff format --check .",
+            ".venv/bin/mypy",
+            "exec .venv/bin/python -m pytest",
+        )
+    }
+    assert None not in at.values(), at
+    assert list(at.values()) == sorted(at.values()), at
+    assert "runs ruff check ., ruff format --check . and mypy" in " ".join(
+        README.replace("`", "").split()
+    )
+
+
+def test_mypy_checks_every_package_the_project_installs():
+    # A package added to setuptools' list (e.g. `cli` when it leaves xsam/) must be typed too.
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    installed = {p.rstrip("*") for p in config["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert installed <= set(config["tool"]["mypy"]["files"])
 
 
 def test_optimizer_example_runs_and_learns(capsys):
