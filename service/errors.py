@@ -173,5 +173,5 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
 def http_status(error: ServiceError) -> int:
     for cls in type(error).__mro__:
         if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
+            return HTTP_STATUS[cls]
     return 500

@@ -9,14 +9,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.db.models import Event
 
 
-def dialect_insert(session: Session, table: Any) -> Insert:
+def dialect_insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
     """An INSERT that knows ``ON CONFLICT DO NOTHING`` on both backends."""
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import LogLine, LogStream, LogTotal
@@ -128,11 +128,13 @@ def _apply_cap(session: Session, job_id: int, inserted: int, cap: int) -> None:
             .offset(excess - 1)
             .limit(1)
         )
-        deleted = session.execute(
+        result = session.execute(
             delete(LogLine)
             .where(LogLine.job_id == job_id, LogLine.id > boundary, LogLine.id <= last)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        )
+        assert isinstance(result, CursorResult)  # (a DELETE's result: it has a rowcount)
+        deleted = result.rowcount
         kept -= deleted
         total.dropped += deleted
     total.kept = kept

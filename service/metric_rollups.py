@@ -119,7 +119,10 @@ def rollup_rows(job_id: int, points: list[dict[str, Any]]) -> list[dict[str, Any
             level = upper
         whole = None
         for s in level.values():
-            whole = s.copy() if whole is None else (whole.merge(s) or whole)
+            if whole is None:
+                whole = s.copy()
+            else:
+                whole.merge(s)
         if whole is not None:
             rows.append(_row(job_id, SERIES_LEVEL, name, 0, whole))
     return rows

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -311,7 +311,7 @@ def finish(
     now = db_now(session)
     if status is JobStatus.FAILED and error is None:
         error = {"type": "failed", "message": "the agent reported a failure without a reason"}
-    updated = session.execute(
+    result = session.execute(
         update(Job)
         .where(*_under_lease(job_id, lease_token))
         .values(
@@ -321,7 +321,9 @@ def finish(
             error=error if status is JobStatus.FAILED else None,
         )
         .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
+    )
+    assert isinstance(result, CursorResult)  # (an UPDATE's result: it has a rowcount)
+    updated = result.rowcount
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         raise JobNotFound(f"job {job_id} does not exist")

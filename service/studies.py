@@ -10,9 +10,9 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import distinct, func, literal_column, select
+from sqlalchemy import Integer, distinct, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from service import queue
@@ -90,8 +90,9 @@ def studies_public(session: Session, studies: list[Study]) -> list[StudyPublic]:
             .where(Job.study_id.in_(list(by_study)))
             .order_by(Job.study_id, Job.id)
         )
-        for study_id, *rest in rows:
-            by_study[study_id].append(_JobRow(*rest))
+        for study_id, job_id, cell, status, finished_at in rows:
+            assert study_id is not None  # (only these studies' jobs were selected)
+            by_study[study_id].append(_JobRow(job_id, cell, status, finished_at))
     return [_public(s, by_study[s.id]) for s in studies]
 
 
@@ -107,7 +108,9 @@ def _public(study: Study, jobs: list[_JobRow]) -> StudyPublic:
         job_ids.setdefault(job.cell or "", []).append(job.id)
     active = counts.queued + counts.running
     finished = [j.finished_at for j in jobs if j.finished_at is not None]
-    status = "cancelled" if study.cancelled_at is not None else "finished"
+    status: Literal["running", "finished", "cancelled"] = (
+        "cancelled" if study.cancelled_at is not None else "finished"
+    )
     if active:
         status = "running"
     return StudyPublic(
@@ -247,9 +250,9 @@ def curve_rows(
         return out
     # Integers inlined, so PostgreSQL sees one expression in SELECT and GROUP BY; "/" on
     # integers is integer division on both backends.
-    lo_, n_, span = (literal_column(str(int(v))) for v in (lo, max_points, hi - lo + 1))
+    lo_, n_, span = (literal_column(str(int(v)), Integer) for v in (lo, max_points, hi - lo + 1))
     bucket = ((Metric.step - lo_) * n_).op("/")(span).label("bucket")
-    rows = session.execute(
+    buckets = session.execute(
         select(
             Metric.job_id,
             bucket,
@@ -262,7 +265,7 @@ def curve_rows(
         .group_by(Metric.job_id, bucket)
         .order_by(Metric.job_id, bucket)
     )
-    for job_id, group, step, mean, low, high in rows:
+    for job_id, group, step, mean, low, high in buckets:
         out.setdefault(job_id, []).append(
             (int(group), int(step), float(mean), float(low), float(high))
         )

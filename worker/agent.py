@@ -224,8 +224,9 @@ class Agent:
     def _deliver(self, run: JobRun, left: dict[str, list] | None, lost: threading.Event) -> None:
         if not left:
             return
-        for kind, items in (("events", left.get("events")), ("points", left.get("points"))):
-            for i in range(0, len(items or []), 1000):
+        for kind in ("events", "points"):
+            items = left.get(kind) or []
+            for i in range(0, len(items), 1000):
                 batch = items[i : i + 1000]
                 send = self.client.ingest_events if kind == "events" else self.client.ingest_metrics
                 if not self._retry(lambda b=batch, f=send: f(run.job_id, run.lease_token, b), lost):

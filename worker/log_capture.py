@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any, TextIO
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
@@ -169,7 +170,7 @@ _STREAM_EMIT = logging.StreamHandler.emit.__code__
 def _shipped_as_a_record() -> bool:
     """Is this write a logging StreamHandler printing a record that our root handler ships
     too? (Then only the record, with its level, is shipped, not its text a second time.)"""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(4):
         if frame is None:
             return False
@@ -269,7 +270,7 @@ def capture_rank_logs(
     root = logging.getLogger()
     saved_level = root.level
     saved_out, saved_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    sys.stdout, sys.stderr = out, err
     root.addHandler(handler)
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)

@@ -168,7 +168,8 @@ class JobRun:
     def run(self) -> RunResult:
         """Run the attempt until its outcome is known; does not wait for Ray's teardown."""
         name = self.control_name
-        self._control = JobControl.options(name=name, namespace=NAMESPACE).remote()
+        # (`options` is ray.remote's ActorClass's: mypy keeps the class's type under a decorator)
+        self._control = JobControl.options(name=name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         if self._stop_reason:
             self._control.request_stop.remote(self._stop_reason)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,14 +177,16 @@ class JobRun:
         if self.pool is not None:
             return self._run_warm(self.pool)
         trainer = TorchTrainer(
-            train_on_rank,
+            # Ray Train drops the loop's return value (the warm pool's `run` hands it back).
+            train_on_rank,  # type: ignore[arg-type]
             train_loop_config=self.spec(),
             scaling_config=scaling_for(self.config),
             run_config=RunConfig(
                 name=f"job-{self.job_id}",
                 storage_path=str(self.settings.storage_path),
                 failure_config=FailureConfig(max_failures=self.settings.max_failures),
-                callbacks=[_RememberController(name)],
+                # A Ray Train v2 controller callback: RunConfig's annotation names v1's type.
+                callbacks=[_RememberController(name)],  # type: ignore[list-item]
             ),
         )
         self._fit_thread = threading.Thread(
@@ -303,6 +306,7 @@ class JobRun:
         be flushing reports after the outcome); one that does not return in time is killed."""
         if self._actor is not None:
             ready, _ = ray.wait([self._actor_call], timeout=timeout)
+            assert self.pool is not None  # (an actor is only ever taken from the pool)
             if ready:
                 self.pool.give_back(self._actor)
             else:
@@ -329,6 +333,7 @@ class JobRun:
         if self._actor is not None:
             if self._control is not None:
                 self._control.request_stop.remote(ABORT)
+            assert self.pool is not None  # (an actor is only ever taken from the pool)
             self.pool.discard(self._actor)
             self._actor = self._actor_call = None
             return

@@ -63,7 +63,9 @@ class WarmPool:
         self._closed = False
 
     def _create(self) -> Any:
-        actor = WarmRank.options(namespace=NAMESPACE).remote()
+        # (mypy keeps a class's own type under a class decorator: it cannot see ray.remote's
+        # ActorClass, whose `options` this is.)
+        actor = WarmRank.options(namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         actor.ready.remote()  # starts the imports now; calls on an actor run in order
         return actor
 

@@ -224,7 +224,8 @@ class GraphedStep:
             ) from exc
         finally:
             if steps_taken is not None:
-                opt.steps_taken = steps_taken  # the replays count the steps
+                # the replays count the steps (an XSAM attribute: `opt` is any Optimizer here)
+                opt.steps_taken = steps_taken  # type: ignore[attr-defined]
         current.wait_stream(self._stream)
         self._graph, self._static, self._outputs = graph, static, outputs
         stats = getattr(opt, "last_stats", None)
@@ -240,5 +241,5 @@ class GraphedStep:
         if self._stats is not None:
             opt.last_stats = dict(self._stats)  # type: ignore[attr-defined]
         if hasattr(opt, "steps_taken"):
-            opt.steps_taken += 1  # type: ignore[attr-defined]
+            opt.steps_taken += 1
         return self._outputs

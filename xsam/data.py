@@ -233,7 +233,9 @@ def _mnist1d(directory: Path, **options: Any):
             directory.mkdir(parents=True, exist_ok=True)
             # Atomic: several ranks (or jobs) may generate the same file at once.
             tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
+            np.savez(
+                tmp, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"]
+            )
             tmp.replace(cache)
         except OSError:
             pass  # a read-only data root only costs the regeneration next time

@@ -69,7 +69,7 @@ def release_ddp(*nets: nn.Module) -> None:
         # The Logger holds a strong reference to the Reducer (the Reducer's to it is weak).
         net.logger = None
         if getattr(net, "reducer", None) is not None:
-            net.reducer = None
+            net.reducer = None  # type: ignore[assignment]  # (dropped on purpose: see above)
         _LIVE.discard(net)
     gc.collect()
 
@@ -115,11 +115,9 @@ def process_group(
     ``init_method`` defaults to ``env://`` (MASTER_ADDR / MASTER_PORT), as in
     ``dist.init_process_group``.
     """
-    kwargs = {}
-    if timeout_s is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend, rank=rank, world_size=world_size, init_method=init_method, **kwargs
+        backend, rank=rank, world_size=world_size, init_method=init_method, timeout=timeout
     )
     try:
         yield

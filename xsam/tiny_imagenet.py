@@ -65,7 +65,13 @@ def load_tiny_imagenet(
     try:
         # Atomic: several ranks (or jobs) may decode the same directory at once.
         tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(
+            tmp,
+            x_train=arrays["x_train"],
+            y_train=arrays["y_train"],
+            x_test=arrays["x_test"],
+            y_test=arrays["y_test"],
+        )
         tmp.replace(cache)
     except OSError:
         pass

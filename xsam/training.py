@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -122,7 +122,8 @@ def fit(
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     channels_last = device.type == "cuda" and data.x_train.ndim == 4
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # Autocast's weight cache must be off inside a CUDA-graph capture; the numbers are the same.
     autocast = _autocast(config, device, cache=not config.cuda_graphs)
 
@@ -134,7 +135,9 @@ def fit(
     # DDP broadcasts rank 0's weights at construction; every pass's backward all-reduces grads.
     net: nn.Module = wrap_ddp(model, device) if distributed else model
     if config.compile_model:
-        net = torch.compile(net)  # same parameters and buffers: the optimizer sees `model`
+        # same parameters and buffers: the optimizer sees `model`. (A compiled Module is an
+        # OptimizedModule, a Module; torch.compile's overloads only say Callable.)
+        net = cast(nn.Module, torch.compile(net))
     base, opt = _build_optimizer(config, model)
     scheduler = build_scheduler(base, config.schedule)
     arm = config.optimizer.name
@@ -177,7 +180,7 @@ def fit(
         if checkpoint_dir is None:
             return
         # Collective: every rank contributes its RNG state; only rank 0 writes.
-        rngs = [rng_state(device)]
+        rngs: list[dict[str, torch.Tensor] | None] = [rng_state(device)]
         if distributed:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))

@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +63,7 @@ def make_engine(
     )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy's "begin" event, not pysqlite, decide how transactions start.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -78,7 +79,7 @@ def make_engine(
     write_lock = threading.Lock()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # type: ignore[no-untyped-def]
+    def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
         if mode == "IMMEDIATE" and write_lock.acquire(timeout=busy_timeout_s):
             conn.info[_LOCK_HELD] = write_lock
@@ -90,15 +91,17 @@ def make_engine(
 
     @event.listens_for(engine, "commit")
     @event.listens_for(engine, "rollback")
-    def _on_end(conn):  # type: ignore[no-untyped-def]
+    def _on_end(conn: Connection) -> None:
         _release(conn.info)
 
     @event.listens_for(engine.pool, "reset")
-    def _on_reset(_dbapi_connection, record, _state):  # type: ignore[no-untyped-def]
+    def _on_reset(_dbapi_connection: Any, record: ConnectionPoolEntry, _state: Any) -> None:
         _release(record.info)  # never let a connection go back to the pool with the lock
 
     @event.listens_for(engine.pool, "invalidate")
-    def _on_invalidate(_dbapi_connection, record, _exception):  # type: ignore[no-untyped-def]
+    def _on_invalidate(
+        _dbapi_connection: Any, record: ConnectionPoolEntry, _exception: BaseException | None
+    ) -> None:
         _release(record.info)
 
     return engine
