@@ -400,7 +400,8 @@ class XsamClient:
     # --- agent side -----------------------------------------------------------------------
 
     def claim(self, agent_id: str, cpus: float, gpus: int) -> dict[str, Any] | None:
-        """``{job, lease: {attempt, lease_token, heartbeat_interval_s}}``, or None if none fits."""
+        """``{job, lease: {attempt, lease_token, heartbeat_interval_s, health}}``, or None if none
+        fits."""
         response = self._request(
             "POST",
             "/v1/agent/claim",

@@ -291,10 +291,19 @@ class ClaimRequest(_Body):
     capacity: Capacity
 
 
+class HealthRulesPublic(BaseModel):
+    """The health rules the agent applies to the run's stream (docs/agent.md, "Health rules")."""
+
+    stall_step_multiple: float
+    stall_min_s: float
+    alpha_edge_searches: int
+
+
 class LeasePublic(BaseModel):
     attempt: int
     lease_token: str
     heartbeat_interval_s: float
+    health: HealthRulesPublic
 
 
 class ClaimPublic(BaseModel):

@@ -1,5 +1,8 @@
 """The service's settings: environment variables with the ``XSAM_`` prefix (or a ``.env`` file).
 
+Every field is documented in docs/api.md ("Settings") and .env.example, and passed to the api
+service by docker-compose.yml (tests/deploy/test_settings_passthrough.py checks all three).
+
 Read through the cached `get_settings()`, never at import time, so tests and `xsam serve` can
 build a `Settings` of their own and hand it to `create_app(settings)`.
 """
@@ -20,7 +23,11 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Everything the API reads from its environment (``XSAM_<NAME>``)."""
 
-    model_config = SettingsConfigDict(env_prefix="XSAM_", env_file=".env", extra="ignore")
+    # An empty variable is the default: docker-compose.yml passes every setting through as
+    # ${XSAM_X:-default}, and .env.example leaves XSAM_LEASE_TIMEOUT_S= empty (computed default).
+    model_config = SettingsConfigDict(
+        env_prefix="XSAM_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     data_dir: Path = Field(
         default_factory=default_data_dir, description="state directory (SQLite, admin token)"
@@ -82,6 +89,27 @@ class Settings(BaseSettings):
         "is dropped and counted",
     )
     max_study_jobs: int = Field(default=1000, gt=0, description="most jobs one study may expand to")
+    stall_step_multiple: float = Field(
+        default=10.0,
+        gt=1,
+        le=1e6,
+        description="health rule: a run with no new step for this many median step times (and "
+        "at least stall_min_s) is stalled: a `stalled` event, the attempt aborted and retried",
+    )
+    stall_min_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=7 * 24 * 3600.0,
+        description="health rule: the least silence (seconds) that counts as a stall, whatever "
+        "the step time (evaluation and checkpoints pause the steps)",
+    )
+    alpha_edge_searches: int = Field(
+        default=5,
+        ge=1,
+        le=1_000_000,
+        description="health rule: α chosen at 0 or at alpha_max this many α searches in a row "
+        "gives one `warning` event",
+    )
     db_pool_size: int = Field(default=20, gt=0)
     db_max_overflow: int = Field(default=40, ge=0)
     sqlite_busy_timeout_s: float = Field(default=60.0, gt=0)

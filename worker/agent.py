@@ -33,6 +33,7 @@ import ray
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
 from worker.control import CANCEL, LEASE_LOST, NAMESPACE, SHUTDOWN
+from worker.failures import classify
 from worker.heartbeat import Heartbeats, Lease
 from worker.ray_run import JobRun, RunResult, RunSettings
 from worker.warm_pool import WarmPool
@@ -173,15 +174,14 @@ class Agent:
         try:
             try:
                 result = run.run()
-            except Exception as exc:  # a bug or Ray failing before the run started
-                log.exception("job %d: the run could not be started", run.job_id)
-                result = RunResult(
-                    "infrastructure",
-                    error={
-                        "type": "infrastructure_error",
-                        "message": f"{type(exc).__name__}: {exc}",
-                    },
-                )
+            except Exception as exc:  # storage that cannot be written, a bug, Ray failing
+                failure = classify(exc)
+                if failure.retryable:
+                    log.exception("job %d: the run could not be started", run.job_id)
+                    result = RunResult("infrastructure", error=failure.as_error())
+                else:
+                    log.error("job %d: %s: %s", run.job_id, failure.type, failure.message)
+                    result = RunResult("failed", error=failure.as_error())
             if not lost.is_set():
                 self._conclude(run, result, lost)
             else:
@@ -200,6 +200,9 @@ class Agent:
         if result.status == "stopped" and result.stop_reason == LEASE_LOST:
             return
         self._deliver(run, result.undelivered, lost)
+        if result.stall is not None:  # the stall rule aborted the run (worker/health.py)
+            self._event(run, "stalled", f"stalled: {result.stall.message}; the run was aborted",
+                        lost, data=result.stall.as_data())  # fmt: skip
         if result.status == "succeeded":
             self._final_progress(run, result.summary)
             self._finish(run, "succeeded", None, lost)
@@ -272,8 +275,19 @@ class Agent:
         except ApiError as exc:
             log.debug("job %d: final progress not recorded: %s", run.job_id, exc)
 
-    def _event(self, run: JobRun, type_: str, message: str, lost: threading.Event) -> None:
-        event = {"type": type_, "message": message, "data": {"attempt": run.attempt}}
+    def _event(
+        self,
+        run: JobRun,
+        type_: str,
+        message: str,
+        lost: threading.Event,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        event = {
+            "type": type_,
+            "message": message,
+            "data": {"attempt": run.attempt, **(data or {})},
+        }
         self._retry(lambda: self.client.ingest_events(run.job_id, run.lease_token, [event]), lost,
                     deadline_s=10)  # fmt: skip
 

@@ -74,9 +74,11 @@ def run_rank(spec: dict[str, Any], *, rank: int, device: str) -> dict[str, Any] 
 def _train(
     spec: dict[str, Any], rank: int, control: Any, client: Any, device: str, shipper: Any
 ) -> dict[str, Any] | None:
+    from worker.failures import classify_exception
+    from worker.health import AlphaEdgeRule, HealthSettings, watch_alpha
     from worker.reporter import Reporter
     from xsam.config import TrainConfig
-    from xsam.errors import XsamError
+    from xsam.errors import StorageError
     from xsam.training import fit
 
     previous = ray.get(control.outcome.remote())
@@ -113,11 +115,19 @@ def _train(
             # Written before fit's epoch checkpoint (at epoch_done) and after a stop's: the
             # records a checkpoint covers are always delivered or on disk beside it.
             tmp = undelivered.with_suffix(".part")
-            tmp.write_text(json.dumps(reporter.snapshot()))
-            tmp.replace(undelivered)
+            try:
+                tmp.write_text(json.dumps(reporter.snapshot()))
+                tmp.replace(undelivered)
+            except OSError as exc:  # the checkpoint beside it could not be trusted either
+                raise StorageError.writing(undelivered, exc) from exc
+
+        # α pinned at an edge of its grid for many searches: one warning event (worker/health.py).
+        health = HealthSettings(**spec.get("health", {}))
+        alpha_max = spec["config"].get("optimizer", {}).get("alpha_max")
+        watched = watch_alpha(reporter, AlphaEdgeRule(health.alpha_edge_searches, alpha_max))
 
         def report(record: dict[str, Any]) -> None:
-            reporter(record)
+            watched(record)
             if record.get("type") == "epoch_done":
                 persist()
 
@@ -133,7 +143,13 @@ def _train(
             device=device,
             weights_out=spec["weights_out"] if rank == 0 else None,
         )
-    except XsamError as exc:
+    except Exception as exc:
+        # Classified here, with the exception object in hand (by its class: worker/failures.py).
+        failure = classify_exception(exc)
+        if failure is None:  # retryable: Ray Train (or the agent) runs it again
+            if reporter is not None:
+                reporter.close(FINAL_FLUSH_S)
+            raise
         # No retry can fix this: record the classification and return normally, so that Ray
         # Train does not restart the group; the agent finishes the job `failed`.
         text = traceback.format_exc()
@@ -142,7 +158,7 @@ def _train(
         # fences log lines) as soon as it knows it.
         shipper.flush(FINAL_FLUSH_S)
         left = reporter.close(FINAL_FLUSH_S) if reporter is not None else None
-        error = {"type": exc.code, "message": str(exc), "traceback": text}
+        error = {**failure.as_error(), "traceback": text}
         ray.get(control.set_outcome.remote({"status": "failed", "error": error, "rank": rank,
                                             "undelivered": left}))  # fmt: skip
         return None

@@ -12,10 +12,15 @@ Ray Train layout: ``RunConfig(name=f"job-{id}", storage_path=<storage>)`` puts R
 directory at ``<storage>/job-<id>/``, beside our own ``checkpoint.pt``, which fit() writes every
 epoch and on a stop; a worker group that Ray restarts (``FailureConfig(max_failures)``) and the
 job's next attempt both resume from it.
+
+While it waits for the outcome, `JobRun` applies the stall rule (worker/health.py) to the step
+rank 0 publishes: a run with no new step for too long is aborted and its attempt ends as an
+infrastructure failure (``error.type: stalled``), to be retried from the checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -31,9 +36,11 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from worker.control import ABORT, CANCEL, LEASE_LOST, NAMESPACE, JobControl, control_name
 from worker.failures import Failure, classify
+from worker.health import HealthSettings, Stall, StallRule
 from worker.rank import train_on_rank
 from worker.warm_pool import WarmPool
 from xsam.config import TrainConfig
+from xsam.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,8 @@ class RunResult:
     error: dict[str, str] | None = None
     undelivered: dict[str, list[dict[str, Any]]] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    #: Set when the stall rule aborted the run (worker/health.py).
+    stall: Stall | None = None
 
 
 class _RememberController(ControllerCallback):
@@ -125,6 +134,10 @@ class JobRun:
         self._fit_error: BaseException | None = None
         self._stop_reason: str | None = None
         self.started = time.monotonic()
+        #: The health rules' numbers, from the service with the lease (worker/health.py).
+        self.health = HealthSettings.from_lease(lease)
+        self._stall_rule = StallRule(self.health.stall_step_multiple, self.health.stall_min_s)
+        self.stall: Stall | None = None
 
     @property
     def control_name(self) -> str:
@@ -163,17 +176,21 @@ class JobRun:
             "data_root": s.data_root,
             "report_interval_s": s.report_interval_s,
             "stop_poll_s": s.stop_poll_s,
+            "health": dataclasses.asdict(self.health),
         }
 
     def run(self) -> RunResult:
         """Run the attempt until its outcome is known; does not wait for Ray's teardown."""
+        for directory in (self.run_dir, self.artifact_dir):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # the same storage fails every attempt: not retried
+                raise StorageError.writing(directory, exc) from exc
         name = self.control_name
         # (`options` is ray.remote's ActorClass's: mypy keeps the class's type under a decorator)
         self._control = JobControl.options(name=name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         if self._stop_reason:
             self._control.request_stop.remote(self._stop_reason)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
         if self.pool is not None:
             return self._run_warm(self.pool)
         trainer = TorchTrainer(
@@ -199,6 +216,8 @@ class JobRun:
             outcome = self._poll()
             if outcome is None and finished:
                 break
+            if outcome is None and self._stalled():
+                return self._stalled_result()
             if outcome is None:
                 time.sleep(0.5)
         return self._result(outcome)
@@ -217,6 +236,8 @@ class JobRun:
                 outcome = self._poll()
                 if outcome is None and finished:
                     break
+                if outcome is None and self._stalled():
+                    return self._stalled_result()
                 if outcome is None:
                     # Wakes at once when the call returns, right after rank 0's outcome.
                     ray.wait([self._actor_call], timeout=0.5)
@@ -236,6 +257,8 @@ class JobRun:
             if restarts >= self.settings.max_failures:
                 return self._result(None)
             restarts += 1
+            # The new actor's start-up and resume are not a stall: the rule arms again.
+            self._stall_rule = StallRule(self.health.stall_step_multiple, self.health.stall_min_s)
             log.warning("job %d: warm rank %s (%s); running it again from its checkpoint "
                         "(%d/%d)", self.job_id, "lost" if lost else "raised",
                         type(self._fit_error).__name__, restarts, self.settings.max_failures)  # fmt: skip
@@ -260,6 +283,23 @@ class JobRun:
         if progress:
             self._progress = progress
         return outcome
+
+    def _stalled(self) -> bool:
+        """Feed the stall rule the step rank 0 last published; True once the run is stalled."""
+        now = time.monotonic()
+        if self._progress is not None and self._progress.get("step") is not None:
+            self._stall_rule.observe(int(self._progress["step"]), now)
+        self.stall = self._stall_rule.check(now)
+        return self.stall is not None
+
+    def _stalled_result(self) -> RunResult:
+        """Abort a stalled run (its ranks may not reach a step to stop at): the attempt ends as
+        an infrastructure failure, so the job's next attempt resumes from the checkpoint."""
+        assert self.stall is not None
+        log.warning("job %d: stalled: %s; aborting the run", self.job_id, self.stall.message)
+        self.abort()
+        error = {"type": "stalled", "message": self.stall.message}
+        return RunResult("infrastructure", error=error, stall=self.stall)
 
     def _result(self, outcome: dict[str, Any] | None) -> RunResult:
         if outcome is None:
@@ -296,8 +336,11 @@ class JobRun:
     def _write_config(self) -> None:
         path = self.artifact_dir / "config.json"
         tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise StorageError.writing(path, exc) from exc
 
     def wait_released(self, timeout: float = 60.0) -> None:
         """Wait for trainer.fit() to return (resources released); abort the run if it hangs.

@@ -54,7 +54,8 @@ class Reporter:
         job_id, lease_token: the lease this run reports under.
         interval: seconds between sends while records arrive.
         on_progress: called (from the sender thread) with ``{epoch, epochs, step, steps}``
-            whenever it changed; the agent heartbeats it.
+            whenever it changed, after each send, delivered or not; the agent heartbeats it
+            and its stall rule watches the step.
     """
 
     def __init__(
@@ -221,11 +222,15 @@ class Reporter:
                 time.sleep(min(backoff, 0.5))  # close() bounds the wait
 
     def _send_all(self) -> bool:
-        while self.pending() and not self._lost.is_set() and not self._abandoned.is_set():
-            if not self._send_once():
-                return False
-        self._publish_progress()
-        return True
+        try:
+            while self.pending() and not self._lost.is_set() and not self._abandoned.is_set():
+                if not self._send_once():
+                    return False
+            return True
+        finally:
+            # Even while the service is unreachable: the agent's stall rule (worker/health.py)
+            # watches these steps, and a service outage is not a stalled run.
+            self._publish_progress()
 
     def _send_once(self) -> bool:
         """Send one batch (events first: an epoch's event precedes the next epoch's metrics)."""

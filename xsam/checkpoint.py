@@ -9,28 +9,39 @@ they need no saved state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from xsam.errors import ConfigurationError
+from xsam.errors import ConfigurationError, StorageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside ``path``, then rename: readers never see half."""
+    """torch.save to a temporary file beside ``path``, then rename: readers never see half.
+
+    Raises `StorageError` (naming the path and the reason) when the file cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError.writing(path, exc) from exc
+    except RuntimeError as exc:
+        # torch's zip writer reports a failed write (a full disk) as a RuntimeError.
+        if "PytorchStreamWriter" not in str(exc):
+            raise
+        raise StorageError.writing(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 

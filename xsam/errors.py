@@ -37,3 +37,18 @@ class DivergedError(XsamError):
     """The loss became NaN or infinite; the message names the step."""
 
     code = "diverged"
+
+
+class StorageError(XsamError):
+    """A checkpoint, the run's report file or the trained weights cannot be written (a path that
+    is a file, a read-only or full file system, no permission); the message names the path and
+    the reason. The same storage fails the next attempt the same way, so it is not retried."""
+
+    code = "storage_error"
+
+    @classmethod
+    def writing(cls, path: object, exc: BaseException) -> StorageError:
+        """The error for a failed write of ``path``: the path and the system's reason."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        return cls(f"cannot write {path}: {reason}{where}"[:2000])

@@ -23,6 +23,7 @@ from service.schemas import (
     ClaimRequest,
     EventsIngest,
     FinishRequest,
+    HealthRulesPublic,
     HeartbeatPublic,
     HeartbeatRequest,
     IngestPublic,
@@ -68,6 +69,11 @@ def claim(
                 attempt=job.attempt,
                 lease_token=job.lease_token,
                 heartbeat_interval_s=state.settings.heartbeat_interval_s,
+                health=HealthRulesPublic(
+                    stall_step_multiple=state.settings.stall_step_multiple,
+                    stall_min_s=state.settings.stall_min_s,
+                    alpha_edge_searches=state.settings.alpha_edge_searches,
+                ),
             ),
         )
 

@@ -85,6 +85,19 @@ def test_claim_order_priority_then_age_and_capacity(client, alice, agent):
     assert claim(client, agent, cpus=8, gpus=1)["job"]["id"] == big["id"]
 
 
+def test_a_claim_hands_the_agent_the_health_rules_of_the_service(client, app, alice, agent):
+    # The agent applies the service's numbers (worker/health.py): one setting for a deployment.
+    settings = app.state.xsam.settings
+    settings.stall_min_s, settings.alpha_edge_searches = 12.5, 3
+    submit(client, alice)
+    lease = claim(client, agent)["lease"]
+    assert lease["health"] == {
+        "stall_step_multiple": 10.0,  # the default
+        "stall_min_s": 12.5,
+        "alpha_edge_searches": 3,
+    }
+
+
 def _expire(app, job_id: int) -> None:
     """Stop the clock on a lease: as if the agent's heartbeats stopped long ago."""
     state = app.state.xsam
