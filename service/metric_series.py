@@ -69,7 +69,7 @@ def _insert_sqlite(session: Session, values: list[dict[str, Any]]) -> list[tuple
 
 # One statement per batch: the points travel as five array literals (no per-row parameters),
 # and the points that were new (RETURNING) are rolled up at every level by the same statement.
-_PG_INGEST = text(
+PG_INGEST = text(
     f"""
     WITH new AS (
         INSERT INTO metrics (job_id, name, step, value, epoch, time)
@@ -127,7 +127,7 @@ def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]
             naive[t] = _naive_utc(t)
     array = metric_rollups.pg_array
     result = session.execute(
-        _PG_INGEST,
+        PG_INGEST,
         {
             "job_id": job_id,
             "names": array([r["name"] for r in rows]),
