@@ -159,10 +159,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # No more worker threads than pooled connections: with anyio's default of 40 threads
-        # and a pool of 20, busy moments opened (and closed again) overflow connections, one
-        # new PostgreSQL backend per request (measured with bench/api_load.py: docs/api.md).
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         reaper = asyncio.create_task(_reap_forever(state)) if settings.run_reaper else None
         try:
             yield
