@@ -1,8 +1,9 @@
 """Metric series: idempotent bulk ingest, the latest values, and downsampled queries.
 
-A series is the points of one (job, name), keyed by step. Ingest inserts a batch in one
-statement and folds the points that were new into the rollups (service/metric_rollups.py) in
-a second, in the caller's transaction. A query for more points than ``max_points`` is answered
+A series is the points of one (job, name), keyed by step. Ingest inserts a batch and folds
+the points that were new into the rollups (service/metric_rollups.py) in the caller's
+transaction (on PostgreSQL in one statement; the ingest route on PostgreSQL uses
+service/metric_ingest_pg.py, which checks the lease in that statement too). A query for more points than ``max_points`` is answered
 from the rollups with at most ``max_points`` buckets, each keeping min, max, mean, count and
 its last point: its cost depends on max_points, not on the series' length, and a one-step
 spike survives in its bucket's ``max``.
