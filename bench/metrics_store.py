@@ -2,8 +2,9 @@
 
 Three measures per database:
 
-* **ingest, storage layer** — `--ingest-points` points in batches of `--batch`, each batch one
-  transaction as the ingest route runs it (lease check, insert, rollups);
+* **ingest, storage layer** — `--ingest-points` points in batches of `--batch`, each stored as
+  the ingest route stores it (PostgreSQL: one fenced statement; SQLite: one transaction with
+  the lease check, the insert and the rollups);
 * **ingest, HTTP** — the same through ``POST /v1/agent/jobs/{id}/metrics`` on `xsam serve
   --workers W`, `--clients` threads each feeding its own running job; request bodies are
   encoded before the clock starts, so the figure is the server's, not the client's;
@@ -32,7 +33,7 @@ from sqlalchemy import text
 
 from bench._databases import fresh_database, percentile
 from bench._server import ADMIN, start_server, stop_server
-from service import metric_rollups, metric_series, queue
+from service import metric_ingest_pg, metric_rollups, metric_series, queue
 from service.db.engine import (
     db_now,
     make_engine,
@@ -65,8 +66,9 @@ def _points(start: int, stop: int) -> list[dict]:
     ]
 
 
-def ingest_storage(writer, points: int, batch: int) -> float:  # type: ignore[no-untyped-def]
-    """Points/s through `metric_series.ingest`, one transaction per batch (as the route)."""
+def ingest_storage(writer, reader, points: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    """Points/s stored as the route stores them: on PostgreSQL one fenced statement per batch
+    (`metric_ingest_pg`), on SQLite one transaction per batch (lease, insert, rollups)."""
     job_id, token = _running_job(writer)
     batches = [_points(a, min(a + batch, points)) for a in range(0, points, batch)]
 
@@ -75,8 +77,16 @@ def ingest_storage(writer, points: int, batch: int) -> float:  # type: ignore[no
         queue.hold_lease(session, job_id, token, POLICY, now=now)
         return metric_series.ingest(session, job_id, rows, now=now)
 
+    def fenced(rows):  # type: ignore[no-untyped-def]
+        with reader() as session:
+            return metric_ingest_pg.ingest_fenced(session, job_id, token, rows, lease_s=3600)
+
+    postgres = writer.kw["bind"].dialect.name == "postgresql"
     began = time.perf_counter()
-    stored = sum(run_in_transaction(writer, lambda s, b=b: work(s, b)) for b in batches)
+    if postgres:
+        stored = sum(fenced(b) for b in batches)
+    else:
+        stored = sum(run_in_transaction(writer, lambda s, b=b: work(s, b)) for b in batches)
     elapsed = time.perf_counter() - began
     assert stored == points, (stored, points)
     return points / elapsed
@@ -181,7 +191,7 @@ def run_one(kind: str, args: argparse.Namespace) -> None:
         engine = make_engine(url, pool_size=2, max_overflow=0)
         writer, reader = make_sessionmakers(engine)
         if args.ingest_points:
-            rate = ingest_storage(writer, args.ingest_points, args.batch)
+            rate = ingest_storage(writer, reader, args.ingest_points, args.batch)
             print(f"{kind:9} ingest, storage layer     {rate:12,.0f} points/s", flush=True)
             rate = ingest_http(
                 url, data_dir, args.ingest_points, args.batch, args.clients, args.workers

@@ -1,8 +1,9 @@
 """Metric series: idempotent bulk ingest, the latest values, and downsampled queries.
 
-A series is the points of one (job, name), keyed by step. Ingest inserts a batch in one
-statement and folds the points that were new into the rollups (service/metric_rollups.py) in
-a second, in the caller's transaction. A query for more points than ``max_points`` is answered
+A series is the points of one (job, name), keyed by step. Ingest inserts a batch and folds
+the points that were new into the rollups (service/metric_rollups.py) in the caller's
+transaction (on PostgreSQL in one statement; the ingest route on PostgreSQL uses
+service/metric_ingest_pg.py, which checks the lease in that statement too). A query for more points than ``max_points`` is answered
 from the rollups with at most ``max_points`` buckets, each keeping min, max, mean, count and
 its last point: its cost depends on max_points, not on the series' length, and a one-step
 spike survives in its bucket's ``max``.
@@ -69,7 +70,7 @@ def _insert_sqlite(session: Session, values: list[dict[str, Any]]) -> list[tuple
 
 # One statement per batch: the points travel as five array literals (no per-row parameters),
 # and the points that were new (RETURNING) are rolled up at every level by the same statement.
-_PG_INGEST = text(
+PG_INGEST = text(
     f"""
     WITH new AS (
         INSERT INTO metrics (job_id, name, step, value, epoch, time)
@@ -127,7 +128,7 @@ def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]
             naive[t] = _naive_utc(t)
     array = metric_rollups.pg_array
     result = session.execute(
-        _PG_INGEST,
+        PG_INGEST,
         {
             "job_id": job_id,
             "names": array([r["name"] for r in rows]),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement, CursorResult, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -275,10 +275,15 @@ def hold_lease(
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
-        if session.get(Job, job_id) is None:
-            raise JobNotFound(f"job {job_id} does not exist")
-        raise LeaseLost(f"job {job_id}: lease lost (requeued, reclaimed or finished)")
+        refuse_lease(session, job_id)
     return bool(row[0])
+
+
+def refuse_lease(session: Session, job_id: int) -> NoReturn:
+    """Raise why a write under a lease of job `job_id` found no running job holding it."""
+    if session.get(Job, job_id) is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    raise LeaseLost(f"job {job_id}: lease lost (requeued, reclaimed or finished)")
 
 
 def heartbeat(

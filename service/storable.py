@@ -43,6 +43,41 @@ def find_unstorable(value: Any) -> tuple[Path, str] | None:
 
     Dictionary keys are checked like text; a bad key's path ends with the key (made printable).
     """
+    # Every request body is checked (a metrics batch holds thousands of values): a walk that
+    # builds no paths first, and the paths only for a body that has a problem.
+    return None if _all_storable(value) else _first_unstorable(value)
+
+
+def _all_storable(value: Any) -> bool:
+    level = [value]
+    for depth in range(MAX_DEPTH + 1):
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is str:
+                if "\x00" in item or (not item.isascii() and _text_problem(item) is not None):
+                    return False
+            elif kind is float:
+                if not math.isfinite(item):
+                    return False
+            elif kind is list:
+                if depth == MAX_DEPTH:
+                    return False
+                below.extend(item)
+            elif kind is dict:
+                if depth == MAX_DEPTH:
+                    return False
+                for key in item:
+                    if type(key) is not str or "\x00" in key or not key.isascii():
+                        return False  # rare: let the full walk judge it
+                below.extend(item.values())
+        if not below:
+            return True
+        level = below
+    return True
+
+
+def _first_unstorable(value: Any) -> tuple[Path, str] | None:
     # Level by level, not recursive: a deeply nested body must be a 422, not a RecursionError.
     level: list[tuple[Path, Any]] = [((), value)]
     for depth in range(MAX_DEPTH + 1):

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select
 
 from service import events as event_log
-from service import job_logs, metric_series, queue
+from service import job_logs, metric_ingest_pg, metric_series, queue
 from service.db.engine import db_now
 from service.db.models import Job
 from service.deps import AgentDep, SessionDep, StateDep
@@ -114,17 +114,26 @@ def release(job_id: JobId, body: ReleaseRequest, session: SessionDep, agent: Age
 
 @router.post("/jobs/{job_id}/metrics", response_model=IngestPublic)
 def ingest_metrics(
-    job_id: JobId, body: MetricsIngest, session: SessionDep, agent: AgentDep, state: StateDep
+    job_id: JobId, body: MetricsIngest, agent: AgentDep, state: StateDep
 ) -> IngestPublic:
     """Store metric points; a point already stored (same name and step) is left as it is."""
     limit = state.settings.max_ingest_points
     if len(body.points) > limit:
         raise PayloadTooLarge(f"{len(body.points)} points in one batch; at most {limit}")
     points = [p.model_dump() for p in body.points]
-    with session.begin():
-        now = db_now(session)
-        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
-        inserted = metric_series.ingest(session, job_id, points, now=now)
+    if state.engine.dialect.name == "postgresql":
+        # One statement, its own transaction on the autocommit reader: lease, points, rollups.
+        with state.reader() as session:
+            inserted = metric_ingest_pg.ingest_fenced(
+                session, job_id, body.lease_token, points, lease_s=state.policy.lease_timeout_s
+            )
+            if inserted is None:
+                queue.refuse_lease(session, job_id)
+    else:
+        with state.writer() as session, session.begin():
+            now = db_now(session)
+            queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+            inserted = metric_series.ingest(session, job_id, points, now=now)
     state.instruments.metric_points.inc(len(points))
     return IngestPublic(received=len(points), inserted=inserted)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import metric_rollups, metric_series, queue
+from service import metric_ingest_pg, metric_rollups, metric_series, queue
 from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
 from xsam.config import TrainConfig
 
@@ -90,18 +90,59 @@ def brute_force(
     return expected
 
 
+POLICY = queue.LeasePolicy(heartbeat_interval_s=5, lease_timeout_s=3600)
+
+
+def ingest_in_transactions(sessions: Any, job_id: int, batches: list[list[dict]]) -> None:
+    """Each batch as the ingest route stores it on SQLite: one transaction, no lease."""
+    writer, _ = sessions
+    for batch in batches:
+        run_in_transaction(writer, lambda s, b=batch: metric_series.ingest(s, job_id, b, now=NOW))
+
+
+def ingest_fenced(sessions: Any, job_id: int, batches: list[list[dict]]) -> None:
+    """Each batch as the ingest route stores it on PostgreSQL: one statement under the lease
+    (a replayed point sends the batch down the general path)."""
+    writer, reader = sessions
+    job = run_in_transaction(
+        writer, lambda s: queue.claim_next(s, agent_id="t", cpus=8, gpus=0, policy=POLICY)
+    )
+    assert job is not None and job.id == job_id and job.lease_token
+    for batch in batches:
+        timed = [{**p, "time": NOW} for p in batch]
+        with reader() as session:
+            new = metric_ingest_pg.ingest_fenced(
+                session, job_id, job.lease_token, timed, lease_s=3600
+            )
+        assert new is not None and 0 <= new <= len(batch)
+        with reader() as session:  # a stale lease writes nothing
+            stale = [{**p, "value": p["value"] - 7} for p in timed]
+            assert (
+                metric_ingest_pg.ingest_fenced(session, job_id, "stale", stale, lease_s=1) is None
+            )
+
+
+INGESTS = [
+    pytest.param(ingest_in_transactions, id="transaction"),
+    pytest.param(ingest_fenced, id="fenced"),
+]
+
+
 @settings(
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.parametrize("ingest", INGESTS)
 @given(history=histories())
-def test_rollup_answer_equals_brute_force_downsampling(sessions, history):
+def test_rollup_answer_equals_brute_force_downsampling(sessions, db_url, ingest, history):
     writer, reader = sessions
+    if ingest is ingest_fenced and not db_url.startswith("postgresql"):
+        pytest.skip("the one-statement ingest is PostgreSQL's")
     job_id = run_in_transaction(writer, lambda s: queue.enqueue(s, owner="t", config=CONFIG)[0].id)
     stored: dict[tuple[str, int], dict[str, Any]] = {}
+    ingest(sessions, job_id, history["batches"])
     for batch in history["batches"]:
-        run_in_transaction(writer, lambda s, b=batch: metric_series.ingest(s, job_id, b, now=NOW))
         for p in batch:
             stored.setdefault((p["name"], p["step"]), p)  # the first stored value stays
 
