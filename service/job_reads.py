@@ -7,15 +7,16 @@ each of their series, from the series rows kept at ingest (service/metric_rollup
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, noload
 
-from service import metric_series
-from service.db.models import Job, JobTag
+from service import metric_rollups, metric_series
+from service.db.models import Job, JobTag, MetricRollup
 from service.queue import JobStatus
-from service.schemas import JobPublic
+from service.schemas import JobPublic, MetricPoint
 
 _ahead = aliased(Job, name="ahead")
 _QUEUED = JobStatus.QUEUED.value
@@ -91,3 +92,76 @@ def jobs_public(
         public.tags = sorted(tags.split(",")) if tags else []
         out.append(public)
     return out
+
+
+_JOB_COLUMNS = [
+    c for c in Job.__table__.c if c.key not in ("lease_token", "idempotency_key", "owner_key")
+]
+_SERIES = MetricRollup.__table__
+_ONE: dict[tuple[str, bool], Select[Any]] = {}
+
+
+def _one_job_statement(dialect: str, by_owner: bool) -> Select[Any]:
+    """The job's columns, queue position and tags, LEFT JOINed to its series rows (one row per
+    series, or one row with null series columns): the job and its latest metrics in one round
+    trip, read from one snapshot."""
+    stmt = (
+        select(
+            *_JOB_COLUMNS,
+            QUEUE_POSITION.label("queue_position"),
+            _tags(dialect).label("tags"),
+            _SERIES.c.name.label("series_name"),
+            _SERIES.c.last_step,
+            _SERIES.c.last_value,
+            _SERIES.c.last_epoch,
+            _SERIES.c.last_time,
+        )
+        .select_from(
+            Job.__table__.outerjoin(
+                _SERIES,
+                and_(
+                    _SERIES.c.job_id == Job.__table__.c.id,
+                    _SERIES.c.level == metric_rollups.SERIES_LEVEL,
+                ),
+            )
+        )
+        .where(Job.__table__.c.id == bindparam("job_id"))
+    )
+    if by_owner:
+        stmt = stmt.where(Job.__table__.c.owner_key == bindparam("owner_key"))
+    return stmt
+
+
+def job_json(session: Session, job_id: int, owner_key: str | None = None) -> bytes | None:
+    """`job_by_id`'s answer as JSON bytes, from one Core statement (no ORM objects): what
+    get-job sends as is. The bytes are JobPublic's own serializer's, so they say exactly what
+    the model would."""
+    dialect = session.get_bind().dialect.name
+    key = (dialect, owner_key is not None)
+    stmt = _ONE.get(key)
+    if stmt is None:
+        stmt = _ONE[key] = _one_job_statement(dialect, owner_key is not None)
+    params: dict[str, Any] = {"job_id": job_id}
+    if owner_key is not None:
+        params["owner_key"] = owner_key
+    # A Core execute on the session's connection: rows come back as tuples, nothing is
+    # loaded into the identity map.
+    rows = session.connection().execute(stmt, params).all()
+    if not rows:
+        return None
+    first = rows[0]
+    latest = {
+        row.series_name: MetricPoint(
+            step=int(row.last_step),
+            value=float(row.last_value),
+            epoch=row.last_epoch,
+            time=row.last_time,
+        )
+        for row in rows
+        if row.series_name is not None
+    }
+    job = SimpleNamespace(**first._mapping)
+    job.tags = sorted(first.tags.split(",")) if first.tags else []
+    public = JobPublic.from_job(job, queue_position=first.queue_position)  # type: ignore[arg-type]
+    public.latest_metrics = latest
+    return JobPublic.__pydantic_serializer__.to_json(public)

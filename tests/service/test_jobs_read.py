@@ -3,6 +3,8 @@ model artifact, and isolation (another owner's job is a 404 on every route)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from service_support import ADMIN, claim, submit
 
@@ -87,3 +89,54 @@ def test_artifact_download(client, settings, alice, agent):
     r = client.get(url, headers=alice)
     assert r.status_code == 200 and r.content == b"\x80\x02weights"
     assert r.headers["content-type"] == "application/octet-stream"
+
+
+def test_get_job_body_is_the_models_json(app, client, alice, agent):
+    """get-job sends pre-built bytes (one Core statement, no response validation): they must
+    say exactly what JobPublic says for the same job, queued, running with progress and
+    metrics, and finished with an error, with and without metrics."""
+    from service.job_reads import job_by_id
+
+    running = submit(client, alice, name="running", tags=["b", "a"])
+    finished = submit(client, alice, name="failed, no metrics")
+    lease = claim(client, agent)["lease"]["lease_token"]  # claims `running` (the oldest)
+    r = client.post(
+        f"/v1/agent/jobs/{running['id']}/heartbeat",
+        json={"lease_token": lease, "progress": {"epoch": 1, "epochs": 4, "step": 10}},
+        headers=agent,
+    )
+    assert r.status_code == 200, r.text
+    points = [
+        {"name": "loss", "step": 3, "value": 0.25, "epoch": 0},
+        {"name": "loss", "step": 7, "value": 1e-9},
+        {"name": "val/acc", "step": 7, "value": 1.0, "epoch": 1, "time": "2026-01-02T03:04:05Z"},
+    ]
+    r = client.post(
+        f"/v1/agent/jobs/{running['id']}/metrics",
+        json={"lease_token": lease, "points": points},
+        headers=agent,
+    )
+    assert r.status_code == 200, r.text
+    lease2 = claim(client, agent, agent_id="a2")["lease"]["lease_token"]  # claims `finished`
+    r = client.post(
+        f"/v1/agent/jobs/{finished['id']}/finish",
+        json={"lease_token": lease2, "status": "failed", "error": {"type": "E", "message": "m"}},
+        headers=agent,
+    )
+    assert r.status_code == 200, r.text
+    queued = [submit(client, alice, priority=p)["id"] for p in (0, 5)]  # positions 2 and 1
+
+    seen = {}
+    with app.state.xsam.reader() as session:
+        for job_id in (running["id"], finished["id"], *queued):
+            expected = job_by_id(session, job_id).model_dump(mode="json")
+            r = client.get(f"/v1/jobs/{job_id}", headers=alice)
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+            # Canonical dumps, so that 1 and 1.0 (or a missing key and a null) differ.
+            assert json.dumps(r.json(), sort_keys=True) == json.dumps(expected, sort_keys=True)
+            seen[job_id] = r.json()
+    assert set(seen[running["id"]]["latest_metrics"]) == {"loss", "val/acc"}
+    assert seen[running["id"]]["tags"] == ["a", "b"]
+    assert seen[running["id"]]["progress"]["fraction"] == 0.25
+    assert seen[finished["id"]]["latest_metrics"] == {} and seen[finished["id"]]["error"]
+    assert [seen[j]["queue_position"] for j in queued] == [2, 1]
