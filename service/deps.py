@@ -99,10 +99,11 @@ async def get_principal(
     cached = state.tokens.get(digest)
     if cached is not None:
         return cached
-    principal = await run_in_threadpool(_look_up, state, secret.strip())
+    principal = await state.tokens.look_up_once(
+        digest, lambda: run_in_threadpool(_look_up, state, secret.strip())
+    )
     if principal is None:
         raise Unauthenticated("unknown or revoked token")
-    state.tokens.put(digest, principal)
     return principal
 
 

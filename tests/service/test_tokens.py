@@ -60,3 +60,36 @@ def test_agent_token_from_settings_is_an_agent(db_url, tmp_path):
     # Without the setting the same secret is nobody.
     with TestClient(create_app(make_settings(db_url, tmp_path))) as client:
         assert client.get("/v1/jobs", headers=bearer("env-agent-secret")).status_code == 401
+
+
+def test_overlapping_lookups_of_one_token_share_one_query():
+    """When a cached token expires under load, the requests in flight with it wait for one
+    lookup instead of each running its own; an unknown token is looked up again next time."""
+    import asyncio
+
+    from service.auth import Principal, Role, TokenCache
+
+    calls = {"known": 0, "unknown": 0}
+
+    def look_up(which: str, principal: Principal | None):
+        async def run() -> Principal | None:
+            calls[which] += 1
+            await asyncio.sleep(0.01)
+            return principal
+
+        return run
+
+    alice = Principal(name="alice", role=Role.USER, token_id=1)
+
+    async def main() -> None:
+        cache = TokenCache()
+        got = await asyncio.gather(
+            *[cache.look_up_once("k", look_up("known", alice)) for _ in range(20)]
+        )
+        assert got == [alice] * 20 and cache.get("k") == alice
+        for _ in range(2):
+            assert await cache.look_up_once("u", look_up("unknown", None)) is None
+        assert cache.get("u") is None
+
+    asyncio.run(main())
+    assert calls == {"known": 1, "unknown": 2}
