@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
+from sqlalchemy import Connection, Select, and_, bindparam, case, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, noload
 
 from service import metric_rollups, metric_series
@@ -132,11 +132,11 @@ def _one_job_statement(dialect: str, by_owner: bool) -> Select[Any]:
     return stmt
 
 
-def job_json(session: Session, job_id: int, owner_key: str | None = None) -> bytes | None:
+def job_json(connection: Connection, job_id: int, owner_key: str | None = None) -> bytes | None:
     """`job_by_id`'s answer as JSON bytes, from one Core statement (no ORM objects): what
     get-job sends as is. The bytes are JobPublic's own serializer's, so they say exactly what
     the model would."""
-    dialect = session.get_bind().dialect.name
+    dialect = connection.dialect.name
     key = (dialect, owner_key is not None)
     stmt = _ONE.get(key)
     if stmt is None:
@@ -144,9 +144,8 @@ def job_json(session: Session, job_id: int, owner_key: str | None = None) -> byt
     params: dict[str, Any] = {"job_id": job_id}
     if owner_key is not None:
         params["owner_key"] = owner_key
-    # A Core execute on the session's connection: rows come back as tuples, nothing is
-    # loaded into the identity map.
-    rows = session.connection().execute(stmt, params).all()
+    # A Core execute: rows come back as tuples, no Session, nothing loaded into an identity map.
+    rows = connection.execute(stmt, params).all()
     if not rows:
         return None
     first = rows[0]

@@ -161,12 +161,15 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: JobId, session: ReadSessionDep, owner: OwnerDep) -> Response:
+async def get_job(job_id: JobId, state: StateDep, owner: OwnerDep) -> Response:
     """One job with its progress, latest metrics, error and queue position."""
-    # The body is JobPublic's JSON, built from one Core statement; returning a Response skips
-    # FastAPI's second validation and encoding of the model (`response_model` stays for the
-    # OpenAPI document).
-    body = job_json(session, job_id, None if owner.is_admin else owner.owner_key)
+    # The body is JobPublic's JSON from one Core statement on a pooled connection (no Session);
+    # returning a Response skips FastAPI's second validation and encoding of the model
+    # (`response_model` stays for the OpenAPI document). `async def` runs the read inline on
+    # the event loop: a thread-pool hop cost more CPU than the read itself (docs/api.md,
+    # Benchmarks), and the read is one indexed statement.
+    with state.reader.kw["bind"].connect() as connection:
+        body = job_json(connection, job_id, None if owner.is_admin else owner.owner_key)
     if body is None:
         raise JobNotFound(f"job {job_id} not found")
     return Response(content=body, media_type="application/json")
