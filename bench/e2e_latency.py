@@ -95,7 +95,7 @@ def noop_trainer_runs(work: Path, num_cpus: int, workers: int, repeats: int) -> 
 
 def start_serve(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     port = free_ports(1)[0]
-    cmd = [sys.executable, "-m", "xsam", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port),
            "--data-dir", str(work / "serve"), "--data-root", str(work / "data")]  # fmt: skip
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
@@ -152,7 +152,7 @@ def run_train(work: Path, i: int) -> dict[str, float]:
     out = work / f"train-{i}"
     t0 = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "xsam", "train", str(config), "--out", str(out), "--no-progress",
+        [sys.executable, "-m", "cli", "train", str(config), "--out", str(out), "--no-progress",
          "--data-root", str(work / "data")],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip

@@ -166,7 +166,7 @@ def check_cuda(device: str) -> str | None:
 
 
 def e2e_train(device: str, work: Path, quick: bool) -> int:
-    """`python -m xsam train` on the job's config: fit() on the device with no service, no Ray."""
+    """`python -m cli train` on the job's config: fit() on the device with no service, no Ray."""
     reason = check_cuda(device)
     if reason:
         return skip(reason)
@@ -175,7 +175,7 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
     path = work / "train.json"
     path.write_text(json.dumps(config, indent=2))
     out = work / "train-out"
-    cmd = [sys.executable, "-m", "xsam", "train", str(path), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "cli", "train", str(path), "--out", str(out), "--no-progress"]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "XSAM_DATA_ROOT": str(work / "data")})
@@ -228,7 +228,7 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
     data_dir, port = work / "serve", free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "xsam", "serve", "--port", str(port), "--data-dir", str(data_dir),
+        sys.executable, "-m", "cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
         "--num-cpus", "4", "--num-gpus", "1" if device == "cuda" else "0", "--max-jobs", "1",
         "--data-root", str(work / "data"), "--log-level", "warning",
     ]  # fmt: skip

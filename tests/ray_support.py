@@ -97,7 +97,7 @@ class Serve:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **SERVICE_ENV}
         cmd = [
-            sys.executable, "-m", "xsam", "serve", "--port", str(self.port),
+            sys.executable, "-m", "cli", "serve", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--ray-address", self.ray_address,
             "--data-root", str(self.data_root),
         ]  # fmt: skip
@@ -134,7 +134,7 @@ class Serve:
         next start will find it, with no agent to claim anything."""
         assert self.process is None or self.process.poll() is not None
         cmd = [
-            sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(self.port),
+            sys.executable, "-m", "cli", "serve", "--no-agent", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--log-level", "warning",
         ]  # fmt: skip
         with self.log.open("ab") as out:

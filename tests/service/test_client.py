@@ -133,7 +133,7 @@ def test_xsam_serve_no_agent_and_token_cli(db_url, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
         env["XSAM_DATA_DIR"] = str(data_dir)
         out = subprocess.run(
-            [sys.executable, "-m", "xsam", "token", "create", "--role", "user", "--name", "dana",
+            [sys.executable, "-m", "cli", "token", "create", "--role", "user", "--name", "dana",
              "--server", url],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

@@ -9,8 +9,8 @@ import shutil
 import pytest
 from service_support import ADMIN_SECRET, CONFIG
 
+from cli import export_cmd, main
 from service.client import XsamClient
-from xsam.cli import export_cmd, main
 
 
 @pytest.fixture

@@ -141,8 +141,8 @@ def test_xsam_logs_follows_a_running_job_to_its_end(live_server, capsys):
 
     from service_support import ADMIN_SECRET, CONFIG
 
+    from cli import main
     from service.client import XsamClient
-    from xsam.cli import main
 
     admin = XsamClient(live_server.url, ADMIN_SECRET)
     token = admin.create_token("carol")["token"]

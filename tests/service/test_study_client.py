@@ -11,8 +11,8 @@ import pytest
 import yaml
 from service_support import ADMIN_SECRET, CONFIG
 
+from cli import main
 from service.client import NotFound, XsamClient
-from xsam.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "studies"
 

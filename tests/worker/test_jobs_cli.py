@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 import service.client
-from xsam.cli import main
+from cli import main
 
 JOB = {
     "id": 4, "name": "demo", "owner": "admin", "status": "running", "attempt": 1,

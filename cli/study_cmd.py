@@ -1,6 +1,6 @@
 """`xsam study submit|list|status|compare|cancel`: studies (arms × grid × seeds) over the REST API.
 
-Like the job commands (xsam/cli/jobs_cmd.py): everything goes through `service.client`, errors
+Like the job commands (cli/jobs_cmd.py): everything goes through `service.client`, errors
 are one line on stderr (exit 1 for a service error, 2 for a usage or file error, 3 when the
 service cannot be reached).
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xsam.cli.jobs_cmd import _err, _schema_errors
+from cli.jobs_cmd import _err, _schema_errors
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 

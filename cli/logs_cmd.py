@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from xsam.cli import jobs_cmd
+from cli import jobs_cmd
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from xsam.cli import jobs_cmd
+from cli import jobs_cmd
 
 #: The most points the metrics endpoint returns undownsampled in one response.
 MAX_POINTS = 100_000

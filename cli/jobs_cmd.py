@@ -51,6 +51,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.terminal_text import EscapedClient, escape_controls
     from service.client import (
         ApiError,
         LocalSecretRefused,
@@ -58,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
         XsamClient,
         default_server_and_token,
     )
-    from xsam.cli.terminal_text import EscapedClient, escape_controls
 
     command = args.command
     try:
