@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
+from service.contract import EventType, JobStatus, RunOutcome
 from worker.control import CANCEL, LEASE_LOST, NAMESPACE, SHUTDOWN
 from worker.heartbeat import Heartbeats, Lease
 from worker.ray_run import JobRun, RunResult, RunSettings
@@ -197,28 +198,28 @@ class Agent:
     def _conclude(self, run: JobRun, result: RunResult, lost: threading.Event) -> None:
         """Deliver what rank 0 could not, then finish the job (or leave it to the reaper)."""
         log.info("job %d: run ended: %s %s", run.job_id, result.status, result.stop_reason or "")
-        if result.status == "stopped" and result.stop_reason == LEASE_LOST:
+        if result.status is RunOutcome.STOPPED and result.stop_reason == LEASE_LOST:
             return
         self._deliver(run, result.undelivered, lost)
-        if result.status == "succeeded":
+        if result.status is RunOutcome.SUCCEEDED:
             self._final_progress(run, result.summary)
-            self._finish(run, "succeeded", None, lost)
-        elif result.status == "failed":
-            self._finish(run, "failed", result.error, lost)
+            self._finish(run, JobStatus.SUCCEEDED, None, lost)
+        elif result.status is RunOutcome.FAILED:
+            self._finish(run, JobStatus.FAILED, result.error, lost)
         elif result.stop_reason == CANCEL or (
-            result.status == "infrastructure" and run.cancel_requested
+            result.status is RunOutcome.INFRASTRUCTURE and run.cancel_requested
         ):
             # Cancelled: stopped at a step, or broken while stopping; a cancel wins either way.
-            self._finish(run, "cancelled", None, lost)
-        elif result.status == "infrastructure" and run.attempt >= run.max_attempts:
-            self._finish(run, "failed", result.error, lost)
-        elif result.status == "stopped" and result.stop_reason == SHUTDOWN:
+            self._finish(run, JobStatus.CANCELLED, None, lost)
+        elif result.status is RunOutcome.INFRASTRUCTURE and run.attempt >= run.max_attempts:
+            self._finish(run, JobStatus.FAILED, result.error, lost)
+        elif result.status is RunOutcome.STOPPED and result.stop_reason == SHUTDOWN:
             self._release(run, lost)
         else:
             # An infrastructure failure with attempts left: stop heartbeating, so the lease
             # expires and the reaper requeues the job (an attempt used); the next one resumes.
             why = result.error["message"] if result.error else f"agent {result.stop_reason}"
-            self._event(run, "attempt_ended", f"attempt {run.attempt} ended: {why}; "
+            self._event(run, EventType.ATTEMPT_ENDED, f"attempt {run.attempt} ended: {why}; "
                         "the job will be requeued when its lease expires", lost)  # fmt: skip
 
     def _deliver(self, run: JobRun, left: dict[str, list] | None, lost: threading.Event) -> None:
@@ -253,7 +254,7 @@ class Agent:
             lost,
             deadline_s=10,
         ):
-            # "queued" (attempt not counted), or "cancelled" if a cancel had been requested.
+            # Queued (attempt not counted), or cancelled if a cancel had been requested.
             log.info("job %d: released -> %s", run.job_id, job.get("status"))
         elif not lost.is_set():
             log.warning(
