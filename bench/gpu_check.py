@@ -170,6 +170,8 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
     reason = check_cuda(device)
     if reason:
         return skip(reason)
+    from xsam.records import FitOutcome
+
     work.mkdir(parents=True, exist_ok=True)
     config = job_config(device, quick)
     path = work / "train.json"
@@ -198,7 +200,7 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
     }
     print("RESULT " + json.dumps(result), flush=True)
     problems = []
-    if summary["status"] != "completed":
+    if summary["status"] != FitOutcome.COMPLETED:
         problems.append(f"status {summary['status']}")
     if device == "cuda" and not started["data"]["device"].startswith("cuda"):
         problems.append(f"trained on {started['data']['device']}, not CUDA")
@@ -222,6 +224,7 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
             "a device run can carry); e2e-train runs the same fit() on the device without Ray"
         )
     from service.client import XsamClient
+    from service.contract import JobStatus
     from worker.local_ray import free_ports
 
     work.mkdir(parents=True, exist_ok=True)
@@ -255,25 +258,22 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
         token = (data_dir / "admin.token").read_text().strip()
         with XsamClient(url, token, timeout=30) as api:
             job = api.submit(job_config(device, quick), name="gpu-check", tags=["gpu-check"])
-            while True:
-                job = api.get_job(job["id"])
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    break
-                if time.monotonic() > deadline:
-                    print(f"FAILED: job {job['id']} still {job['status']} at the deadline")
-                    return 1
-                time.sleep(1)
-            latest = api.latest_metrics(job["id"])
+            try:
+                job = api.wait_for_job(job.id, timeout=max(deadline - time.monotonic(), 0))
+            except TimeoutError as exc:
+                print(f"FAILED: {exc} (the deadline)")
+                return 1
+            latest = api.latest_metrics(job.id)
         result = {
-            "status": job["status"],
+            "status": job.status,
             "serve_start_seconds": round(started, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
-            "error": job.get("error"),
-            "latest": latest,
+            "error": job.error.model_dump() if job.error else None,
+            "latest": latest.model_dump(mode="json"),
         }
         print("RESULT " + json.dumps(result, default=str), flush=True)
-        if job["status"] != "succeeded":
-            print(f"FAILED: job ended {job['status']}: {job.get('error')}")
+        if job.status is not JobStatus.SUCCEEDED:
+            print(f"FAILED: job ended {job.status}: {job.error}")
             return 1
         return 0
     finally:

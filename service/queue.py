@@ -169,7 +169,7 @@ def claim_next(
     now = db_now(session)
     fits = [Job.cpus <= cpus, Job.gpus <= gpus]
     if max_running_gpus_per_owner > 0:
-        running = Job.__table__.alias("running")
+        running = Job.__table__.alias("running_job")
         owner_gpus = (
             select(func.coalesce(func.sum(running.c.gpus), 0))
             .where(

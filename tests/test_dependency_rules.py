@@ -74,6 +74,38 @@ def test_dependency_rule(files, forbidden, why):
     assert not bad, f"{why}: " + "; ".join(bad)
 
 
+#: Every arrow between our packages: what each may import of the others (docs/internals.md
+#: draws these, one arrow each). cli is the composition root; xsam depends on none of them.
+ARROWS: dict[str, set[str]] = {
+    "cli": {"service", "worker", "xsam"},
+    "worker": {"service.client", "service.contract", "xsam"},
+    "service": {"xsam.config", "xsam.records"},
+    "xsam": set(),
+}
+
+
+def test_packages_import_each_other_only_along_the_arrows():
+    bad = [
+        f"{f.relative_to(ROOT)} imports {m}"
+        for package, allowed in ARROWS.items()
+        for f in sorted((ROOT / package).rglob("*.py"))
+        for m in sorted(imported_modules(f))
+        if m.split(".")[0] in ARROWS and m.split(".")[0] != package and not violates(m, allowed)
+    ]
+    assert not bad, "an import with no arrow in docs/internals.md: " + "; ".join(bad)
+
+
+def test_internals_draws_every_arrow():
+    text = (ROOT / "docs" / "internals.md").read_text()
+    missing = [
+        f"{src} → {dst}"
+        for src, dsts in ARROWS.items()
+        for dst in sorted(dsts)
+        if f"`{src}` → `{dst}`" not in text
+    ]
+    assert not missing, f"docs/internals.md lacks the arrows {missing}"
+
+
 def outside(module: str, allowed: set[str]) -> bool:
     """Whether `module` is neither in the standard library nor under one of `allowed`."""
     top = module.split(".")[0]

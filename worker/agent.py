@@ -32,7 +32,7 @@ from typing import Any
 import ray
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
-from service.contract import EventType, JobStatus, RunOutcome
+from service.contract import EventType, JobPublic, JobStatus, LeasePublic, RunOutcome
 from worker.control import CANCEL, LEASE_LOST, NAMESPACE, SHUTDOWN
 from worker.heartbeat import Heartbeats, Lease
 from worker.ray_run import JobRun, RunResult, RunSettings
@@ -140,10 +140,10 @@ class Agent:
             return False
         if claim is None:
             return False
-        self._start(claim["job"], claim["lease"])
+        self._start(claim.job, claim.lease)
         return True
 
-    def _start(self, job: dict[str, Any], lease: dict[str, Any]) -> None:
+    def _start(self, job: JobPublic, lease: LeasePublic) -> None:
         run = JobRun(job, lease, self.settings.run, pool=self.pool)
         log.info("job %d: claimed (attempt %d)", run.job_id, run.attempt)
         lost = threading.Event()
@@ -156,7 +156,7 @@ class Agent:
             Lease(
                 job_id=run.job_id,
                 lease_token=run.lease_token,
-                interval=float(lease.get("heartbeat_interval_s", 5.0)),
+                interval=lease.heartbeat_interval_s,
                 on_cancel=lambda: run.request_stop(CANCEL),
                 on_lost=on_lost,
                 progress=run.progress,
@@ -198,22 +198,22 @@ class Agent:
     def _conclude(self, run: JobRun, result: RunResult, lost: threading.Event) -> None:
         """Deliver what rank 0 could not, then finish the job (or leave it to the reaper)."""
         log.info("job %d: run ended: %s %s", run.job_id, result.status, result.stop_reason or "")
-        if result.status is RunOutcome.STOPPED and result.stop_reason == LEASE_LOST:
+        if result.status == RunOutcome.STOPPED and result.stop_reason == LEASE_LOST:
             return
         self._deliver(run, result.undelivered, lost)
-        if result.status is RunOutcome.SUCCEEDED:
+        if result.status == RunOutcome.SUCCEEDED:
             self._final_progress(run, result.summary)
             self._finish(run, JobStatus.SUCCEEDED, None, lost)
-        elif result.status is RunOutcome.FAILED:
+        elif result.status == RunOutcome.FAILED:
             self._finish(run, JobStatus.FAILED, result.error, lost)
         elif result.stop_reason == CANCEL or (
-            result.status is RunOutcome.INFRASTRUCTURE and run.cancel_requested
+            result.status == RunOutcome.INFRASTRUCTURE and run.cancel_requested
         ):
             # Cancelled: stopped at a step, or broken while stopping; a cancel wins either way.
             self._finish(run, JobStatus.CANCELLED, None, lost)
-        elif result.status is RunOutcome.INFRASTRUCTURE and run.attempt >= run.max_attempts:
+        elif result.status == RunOutcome.INFRASTRUCTURE and run.attempt >= run.max_attempts:
             self._finish(run, JobStatus.FAILED, result.error, lost)
-        elif result.status is RunOutcome.STOPPED and result.stop_reason == SHUTDOWN:
+        elif result.status == RunOutcome.STOPPED and result.stop_reason == SHUTDOWN:
             self._release(run, lost)
         else:
             # An infrastructure failure with attempts left: stop heartbeating, so the lease
@@ -233,7 +233,7 @@ class Agent:
                     return
 
     def _finish(
-        self, run: JobRun, status: str, error: dict[str, str] | None, lost: threading.Event
+        self, run: JobRun, status: JobStatus, error: dict[str, str] | None, lost: threading.Event
     ) -> None:
         if self._retry(
             lambda: self.client.finish(run.job_id, run.lease_token, status, error), lost
@@ -248,14 +248,14 @@ class Agent:
         reason = f"agent {self.settings.agent_id} shut down; the run stopped with a checkpoint"
         # Bounded: an unreachable service must not hold up the shutdown. Its fallback is the old
         # path: the lease expires and the reaper requeues the job (an attempt used).
-        job: dict[str, Any] = {}
+        released: list[JobPublic] = []
         if self._retry(
-            lambda: job.update(self.client.release(run.job_id, run.lease_token, reason)),
+            lambda: released.append(self.client.release(run.job_id, run.lease_token, reason)),
             lost,
             deadline_s=10,
         ):
             # Queued (attempt not counted), or cancelled if a cancel had been requested.
-            log.info("job %d: released -> %s", run.job_id, job.get("status"))
+            log.info("job %d: released -> %s", run.job_id, released[-1].status)
         elif not lost.is_set():
             log.warning(
                 "job %d: not released; the service requeues it when its lease expires", run.job_id

@@ -29,7 +29,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from service.contract import RunOutcome
+from service.contract import JobPublic, LeasePublic, RunOutcome
 from worker.control import ABORT, CANCEL, LEASE_LOST, NAMESPACE, JobControl, control_name
 from worker.failures import Failure, classify
 from worker.rank import train_on_rank
@@ -100,16 +100,16 @@ class JobRun:
 
     def __init__(
         self,
-        job: dict[str, Any],
-        lease: dict[str, Any],
+        job: JobPublic,
+        lease: LeasePublic,
         settings: RunSettings,
         pool: WarmPool | None = None,
     ) -> None:
-        self.job_id = int(job["id"])
-        self.attempt = int(lease["attempt"])
-        self.lease_token = str(lease["lease_token"])
-        self.max_attempts = int(job.get("max_attempts") or 1)
-        self.config = TrainConfig.model_validate(job["config"])
+        self.job_id = job.id
+        self.attempt = lease.attempt
+        self.lease_token = lease.lease_token
+        self.max_attempts = job.max_attempts or 1
+        self.config = TrainConfig.model_validate(job.config)
         self.settings = settings
         self.cpus = self.config.resources.total_cpus
         self.gpus = self.config.resources.total_gpus
