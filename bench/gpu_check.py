@@ -170,7 +170,7 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
     reason = check_cuda(device)
     if reason:
         return skip(reason)
-    from xsam.records import FitOutcome
+    from xsam.records import FitEvent, FitOutcome
 
     work.mkdir(parents=True, exist_ok=True)
     config = job_config(device, quick)
@@ -187,8 +187,8 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
         return 1
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    started = next(e for e in events if e["type"] == "started")
-    searches = sum(e["type"] == "alpha_search" for e in events)
+    started = next(e for e in events if e["type"] == FitEvent.STARTED)
+    searches = sum(e["type"] == FitEvent.ALPHA_SEARCH for e in events)
     result = {
         "status": summary["status"],
         "device": started["data"]["device"],

@@ -162,10 +162,9 @@ def status(api, args: argparse.Namespace) -> int:
     model, data = cfg.get("model", {}).get("name"), cfg.get("data", {}).get("name")
     opt = cfg.get("optimizer", {}).get("name", "xsam")
     print(f"  config    {model} on {data} with {opt}")
-    for label, when in (("created", job.created_at), ("started", job.started_at),
-                        ("finished", job.finished_at)):  # fmt: skip
-        if when:
-            print(f"  {label:9} {iso_time(when)}")
+    for key in ("created_at", "started_at", "finished_at"):
+        if when := getattr(job, key):
+            print(f"  {key.removesuffix('_at'):9} {iso_time(when)}")
     for name, point in sorted(job.latest_metrics.items()):
         print(f"  {name:28} {point.value:.6g}  (step {point.step})")
     if job.error:
