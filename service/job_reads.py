@@ -13,9 +13,9 @@ from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, noload
 
 from service import metric_series
+from service.contract import JobPublic, JobStatus
 from service.db.models import Job, JobTag
-from service.queue import JobStatus
-from service.schemas import JobPublic
+from service.schemas import public_job
 
 _ahead = aliased(Job, name="ahead")
 _QUEUED = JobStatus.QUEUED.value
@@ -87,7 +87,7 @@ def jobs_public(
     latest = metric_series.latest(session, [job.id for job, _, _ in rows])
     out = []
     for job, position, tags in rows:
-        public = JobPublic.from_job(job, latest_metrics=latest[job.id], queue_position=position)
+        public = public_job(job, latest_metrics=latest[job.id], queue_position=position)
         public.tags = sorted(tags.split(",")) if tags else []
         out.append(public)
     return out

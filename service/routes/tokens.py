@@ -7,19 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
-from service.auth import Role, create_token
+from service.auth import create_token
+from service.contract import Role, TokenCreated, TokenPublic, TokensPublic
 from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep, StateDep
 from service.errors import TokenNameTaken, TokenNotFound
-from service.schemas import (
-    MAX_BIGINT,
-    TokenCreate,
-    TokenCreated,
-    TokenPublic,
-    TokensPublic,
-    error_responses,
-)
+from service.schemas import MAX_BIGINT, TokenCreate, error_responses
 
 router = APIRouter(
     prefix="/v1/tokens", tags=["tokens"], responses=error_responses(400, 401, 403, 413, 503)

@@ -160,7 +160,7 @@ def test_xsam_train_refuses_overflowing_config_with_exit_2(tmp_path, optimizer):
     with pytest.raises(ConfigError, match=r"optimizer\.alpha_(delta|max):"):
         load_config(path)
     done = subprocess.run(
-        [sys.executable, "-m", "xsam", "train", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "cli", "train", str(path)], capture_output=True, text=True
     )
     assert done.returncode == 2, done.stderr
     assert "optimizer.alpha_" in done.stderr and "Traceback" not in done.stderr

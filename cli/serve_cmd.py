@@ -330,9 +330,9 @@ def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.soc
 
     import uvicorn
 
+    from cli.agent_cmd import build_agent, stop_on_signals
     from service.app import create_app
     from worker import local_ray
-    from xsam.cli.agent_cmd import build_agent, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)

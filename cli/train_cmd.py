@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from xsam.records import FitEvent
+
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("config", help="TrainConfig file (.yaml, .yml or .json)")
@@ -84,7 +86,7 @@ class _Recorder:
         if self.events_file is not None:
             self.events_file.write(json.dumps(record, default=str) + "\n")
             self.events_file.flush()
-        if record["type"] == "started" and self.progress:
+        if record["type"] == FitEvent.STARTED and self.progress:
             from tqdm import tqdm
 
             data = record["data"]
