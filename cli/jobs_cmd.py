@@ -99,11 +99,12 @@ def _schema_errors(detail: Any) -> str:
 
 
 def submit(api, args: argparse.Namespace) -> int:
-    from xsam.config import ConfigError, load_config
+    from xsam.config import load_config
+    from xsam.errors import ConfigurationError
 
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         _err("submit", str(exc).replace("\n", " "))
         return 2
     job = api.submit(

@@ -103,24 +103,25 @@ class _Recorder:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xsam.config import ConfigError, describe_errors, load_config
+    from pydantic import ValidationError
+
+    from xsam.config import load_config, locate_error
+    from xsam.errors import ConfigurationError
 
     try:
         config = load_config(args.config)
         if args.epochs is not None:
             config.schedule.epochs = args.epochs
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # pydantic's ValidationError from the --epochs override
-        errors = describe_errors(exc) if hasattr(exc, "errors") else [str(exc)]
-        print(
-            "error: --epochs: " + "; ".join(e.split(": ", 1)[-1] for e in errors), file=sys.stderr
-        )
+    except ValidationError as exc:  # the --epochs override, validated on assignment
+        reasons = (locate_error(e["loc"], e["msg"])[1] for e in exc.errors())
+        print("error: --epochs: " + "; ".join(reasons), file=sys.stderr)
         return 2
 
     # Imported only now: `xsam train --help` and config errors need no torch.
-    from xsam.errors import ConfigurationError, XsamError
+    from xsam.errors import XsamError
     from xsam.training import fit
 
     out = Path(args.out) if args.out else None

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from service.quotas import SubmitRateLimiter
 from service.routes import agent, health, jobs, studies, tokens, ui
 from service.settings import Settings, get_settings
 from service.storable import printable
+from xsam.config import locate_error
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",
 }
-_FIELD_IN_MESSAGE = re.compile(r"^(?:Value error, )?([a-z_]+): ")
 
 
 def reap_once(state: AppState) -> int:
@@ -106,12 +105,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     try:
         errors = _validation_errors(exc)
         for item in errors:
-            # A cross-field check names its field at the start of its message ("rho_max: …"):
-            # append it to loc so every error points at a field.
-            match = _FIELD_IN_MESSAGE.match(str(item.get("msg", "")))
+            # A cross-field check names its field in its message, not in loc: so that every
+            # error points at a field, loc gets it (the message stays as pydantic wrote it).
             loc = item.get("loc")
-            if match and isinstance(loc, list) and (not loc or loc[-1] != match[1]):
-                item["loc"] = [*loc, match[1]]
+            if isinstance(loc, list):
+                item["loc"] = list(locate_error(loc, str(item.get("msg", "")))[0])
         return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
     except Exception:
         # The error handler must never fail itself: a 422 without the details beats a 500.
