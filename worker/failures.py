@@ -60,6 +60,7 @@ _OUT_OF_MEMORY = re.compile(
     r"Tried to allocate|failed to allocate",
     re.IGNORECASE,
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SHAPE = re.compile(
     r"size mismatch|shapes cannot be multiplied|must match the size of tensor|"
     r"Expected input batch_size|Given groups=\d+, weight of size|Calculated padded input size",
@@ -92,5 +93,8 @@ def classify(exc: BaseException) -> Failure:
         found = _deterministic(cause)
         if found is not None:
             return found
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return Failure(True, "infrastructure_error", f"{type(exc).__name__}: {first_line}"[:2000])
+    # Named by what was raised inside Ray (a rank's NotADirectoryError, say), not by Ray's
+    # wrapper, whose own text is only "ray::WarmRank.run() (pid=…, ip=…)" in terminal colours.
+    cause = next((c for c in causes if not type(c).__module__.startswith("ray")), exc)
+    first_line = (_ANSI.sub("", str(cause)).strip().splitlines() or [type(cause).__name__])[0]
+    return Failure(True, "infrastructure_error", f"{type(cause).__name__}: {first_line}"[:2000])
