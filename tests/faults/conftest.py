@@ -6,3 +6,16 @@ import pytest
 
 pytest.importorskip("ray")
 pytest.importorskip("fastapi")
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of the test's own, free to stop and restart (private_postgres.py)."""
+    from private_postgres import PrivatePostgres
+
+    server = PrivatePostgres().create()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
