@@ -14,7 +14,7 @@ from restart_support import (
     train_processes,
 )
 
-# Two jobs at once: 351 s for the call at load 18-27 on 2 cores (~2 min on a quiet machine).
+# Two jobs at once: 351 s for the call at load 18-27 on 2 cores.
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
