@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,12 +48,21 @@ def reap_once(state: AppState) -> int:
 
 
 async def _reap_forever(state: AppState) -> None:
+    # A lease is judged only by time in which this process could hear its heartbeats: for one
+    # lease timeout after the process starts (the API was down before: an agent's beats went
+    # nowhere) and after a pass that failed (the database was unreachable: so were the beats),
+    # no lease expires. Otherwise restarting the API or the database would requeue every
+    # running job, each at the cost of an attempt, while its agent is alive and training.
+    grace_until = time.monotonic() + state.settings.lease_s
     while True:
         await asyncio.sleep(state.settings.reaper_interval_s)
+        if time.monotonic() < grace_until:
+            continue
         try:
             await anyio.to_thread.run_sync(reap_once, state)
         except Exception:
             log.exception("lease reaper pass failed; retrying next interval")
+            grace_until = time.monotonic() + state.settings.lease_s
 
 
 def _error(status: int, detail: str, code: str) -> JSONResponse:

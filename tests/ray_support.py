@@ -86,20 +86,30 @@ def data_root(tmp_path_factory) -> Path:
 class Serve:
     """One `xsam serve` process (API + agent) joined to the session's Ray cluster."""
 
-    def __init__(self, data_dir: Path, port: int, ray_address: str, data_root: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        ray_address: str,
+        data_root: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir, self.port = data_dir, port
         self.ray_address, self.data_root = ray_address, data_root
+        # Extra `xsam serve` options (e.g. --database-url) and environment, for every start.
+        self.args, self.env = tuple(args), dict(env or {})
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
         self.log = data_dir / "serve.log"
 
     def start(self) -> Serve:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **SERVICE_ENV}
+        env = {**os.environ, **SERVICE_ENV, **self.env}
         cmd = [
             sys.executable, "-m", "cli", "serve", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--ray-address", self.ray_address,
-            "--data-root", str(self.data_root),
+            "--data-root", str(self.data_root), *self.args,
         ]  # fmt: skip
         with self.log.open("ab") as out:
             offset = out.tell()  # a restart appends: look only at this start's lines
@@ -184,9 +194,11 @@ def serve_factory(ray_cluster, data_root, tmp_path_factory):
 
     from worker import local_ray
 
-    def make(name: str) -> Serve:
+    def make(name: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Serve:
         port = local_ray.free_ports(1)[0]
-        serve = Serve(tmp_path_factory.mktemp(name), port, ray_cluster.address, data_root)
+        serve = Serve(
+            tmp_path_factory.mktemp(name), port, ray_cluster.address, data_root, args, env
+        )
         started.append(serve)
         return serve
 
