@@ -28,7 +28,7 @@ import pytest
 from service.client import XsamClient
 from service.contract import JobPublic
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (this file is tests/ray_support.py)
 #: Short leases so that a killed server's job is requeued within seconds.
 SERVICE_ENV = {
     "XSAM_HEARTBEAT_INTERVAL_S": "1",

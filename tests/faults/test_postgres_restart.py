@@ -1,5 +1,5 @@
 """A PostgreSQL restart or outage under a running `xsam serve`, on a PostgreSQL of the test's own
-(tests/faults/private_postgres.py): the API answers 503 with Retry-After while the database is
+(tests/faults/throwaway_postgres.py): the API answers 503 with Retry-After while the database is
 away (never a 500, never a hang), serves again once it is back without being restarted itself,
 and loses nothing that it acknowledged."""
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fault_support import Api
-from private_postgres import free_port
+from process_support import free_port
 from ray_support import tiny_config
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 @pytest.fixture
 def http(postgres, tmp_path) -> Iterator[httpx.Client]:
     """Raw HTTP to `xsam serve --no-agent` (no Ray needed) on the private server."""
-    api = Api(tmp_path / "serve", free_port(), XSAM_DATABASE_URL=postgres.url()).start()
+    api = Api(tmp_path / "serve", free_port(), XSAM_DATABASE_URL=postgres.url).start()
     try:
         headers = {"Authorization": f"Bearer {api.token}"}
         with httpx.Client(base_url=api.url, headers=headers, timeout=30) as client:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from restart_support import (
+from fault_support import (
     assert_every_step_once,
     epoch_reached,
     events,
@@ -36,8 +36,8 @@ def test_agent_sigkilled_with_two_running_jobs_both_resume_as_attempt_2(
             for seed in (0, 1)
         ]
         for job in jobs:  # both have a checkpoint (fit writes one every epoch)
-            wait_for(epoch_reached(api, job["id"], 1), 240, 0.2, f"job {job['id']}'s epoch 1")
-        assert [api.get_job(j["id"])["status"] for j in jobs] == ["running", "running"]
+            wait_for(epoch_reached(api, job.id, 1), 240, 0.2, f"job {job.id}'s epoch 1")
+        assert [api.get_job(j.id).status for j in jobs] == ["running", "running"]
     victim.kill()
 
     # The dead driver's actors (controller, ranks, control actors) are reaped by Ray; a rank
@@ -56,15 +56,15 @@ def test_agent_sigkilled_with_two_running_jobs_both_resume_as_attempt_2(
     try:
         with victim.client() as api:
             for job in jobs:
-                done = wait_terminal(api, job["id"])
-                assert done["status"] == "succeeded", done
-                assert done["attempt"] == 2, done
-                job_events = events(api, job["id"])
-                assert "requeued" in [e["type"] for e in job_events]
-                starts = [e for e in job_events if e["type"] == "started"]
-                assert len(starts) == 2 and "resumed" in starts[1]["message"], starts
+                done = wait_terminal(api, job.id)
+                assert done.status == "succeeded", done
+                assert done.attempt == 2, done
+                job_events = events(api, job.id)
+                assert "requeued" in [e.type for e in job_events]
+                starts = [e for e in job_events if e.type == "started"]
+                assert len(starts) == 2 and "resumed" in starts[1].message, starts
                 # Attempt 2 began where attempt 1's last checkpoint left off, not at step 0.
-                assert starts[1]["data"]["start_step"] > 0, starts[1]
-                assert_every_step_once(api, job["id"], epochs)
+                assert (starts[1].data or {}).get("start_step", 0) > 0, starts[1]
+                assert_every_step_once(api, job.id, epochs)
     finally:
         victim.stop()

@@ -7,15 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from restart_support import (
-    AgentProcess,
-    ApiProcess,
-    assert_every_step_once,
-    epoch_reached,
-    events,
-)
-
-from service.client import XsamClient
+from fault_support import Api, agent_for, assert_every_step_once, epoch_reached, events
+from process_support import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -23,32 +16,32 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(480)]
 def test_api_killed_and_restarted_mid_job_nothing_lost_nothing_twice(
     ray_cluster, data_root, tmp_path, tiny_config, wait_for, wait_terminal
 ):
-    from worker import local_ray
-
     epochs = 10
-    api_server = ApiProcess(tmp_path / "api", local_ray.free_ports(1)[0]).start()
-    agent = AgentProcess(
-        api_server.url, api_server.token, ray_cluster.address, tmp_path / "api", data_root
-    ).start()
+    api_server = Api(tmp_path / "api", free_port()).start()
+    agent = None
     try:
-        with XsamClient(api_server.url, api_server.token, timeout=30) as api:
+        agent = agent_for(
+            api_server, ray_cluster.address, data_root, tmp_path / "api" / "checkpoints"
+        ).start()
+        with api_server.admin() as api:
             job = api.submit(tiny_config(schedule__epochs=epochs), name="api-kill", max_attempts=1)
-            wait_for(epoch_reached(api, job["id"], 1), 240, 0.2, "the first epoch")
+            wait_for(epoch_reached(api, job.id, 1), 240, 0.2, "the first epoch")
             api_server.kill()
             time.sleep(3)  # rank 0 trains on and buffers; heartbeats fail
             api_server.start()
-            assert api.get_job(job["id"])["status"] == "running"  # killed mid-run
-            done = wait_terminal(api, job["id"])
-            assert done["status"] == "succeeded", done
+            assert api.get_job(job.id).status == "running"  # killed mid-run
+            done = wait_terminal(api, job.id)
+            assert done.status == "succeeded", done
             # The downtime did not cost the lease: the same attempt ran to the end.
-            assert done["attempt"] == 1, done
-            all_events = events(api, job["id"])
-            assert "requeued" not in [e["type"] for e in all_events]
+            assert done.attempt == 1, done
+            all_events = events(api, job.id)
+            assert "requeued" not in [e.type for e in all_events]
             # No event stored twice (a resent batch is recognised by its keys).
-            keyed = [(e["type"], e["message"], str(e["data"])) for e in all_events]
+            keyed = [(e.type, e.message, str(e.data)) for e in all_events]
             assert len(keyed) == len(set(keyed)), keyed
-            assert [e["type"] for e in all_events].count("started") == 1
-            assert_every_step_once(api, job["id"], epochs)
+            assert [e.type for e in all_events].count("started") == 1
+            assert_every_step_once(api, job.id, epochs)
     finally:
-        agent.stop()
+        if agent is not None:
+            agent.stop()
         api_server.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from restart_support import assert_every_step_once, events, train_processes
+from fault_support import assert_every_step_once, events, train_processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -30,23 +30,23 @@ def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
     )
 
     def past_epoch_2():
-        progress = api.get_job(job["id"])["progress"] or {}
-        return (progress.get("epoch") or 0) >= 2
+        progress = api.get_job(job.id).progress
+        return progress is not None and (progress.epoch or 0) >= 2
 
     wait_for(past_epoch_2, 240, 0.3, "two epochs")
     # This job's last rank, by the pid its run environment reports: the process titles alone
     # cannot tell this job's rank from an earlier run's process Ray is still releasing (or a
     # warm actor whose title still names its last task) — the stress runs killed such ones.
-    envs = api.events(job["id"], type="environment")["items"]
-    pid = next(e["data"]["pid"] for e in envs if e["data"]["rank"] == workers - 1)
+    envs = events(api, job.id, "environment")
+    pid = next(e.data["pid"] for e in envs if e.data and e.data["rank"] == workers - 1)
     args = dict(train_processes()).get(pid, "")
     assert args.startswith(rank_process), (pid, args)
     subprocess.run(["kill", "-9", str(pid)], check=True)
 
-    done = wait_terminal(api, job["id"])
-    assert done["status"] == "succeeded" and done["attempt"] == 1, done
-    starts = events(api, job["id"], "started")
-    assert len(starts) == 2 and "resumed" in starts[1]["message"], starts
+    done = wait_terminal(api, job.id)
+    assert done.status == "succeeded" and done.attempt == 1, done
+    starts = events(api, job.id, "started")
+    assert len(starts) == 2 and "resumed" in starts[1].message, starts
     # The rank was killed past epoch 2: the restart resumed from a checkpoint, not step 0.
-    assert starts[1]["data"]["start_step"] > 0, starts[1]
-    assert_every_step_once(api, job["id"], epochs)
+    assert (starts[1].data or {}).get("start_step", 0) > 0, starts[1]
+    assert_every_step_once(api, job.id, epochs)

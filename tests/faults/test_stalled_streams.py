@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from fault_support import Api
-from private_postgres import free_port
+from process_support import free_port
 from ray_support import tiny_config
 
 from service.client import XsamClient
@@ -68,8 +68,8 @@ def test_stalled_bodies_block_no_one_and_a_resumed_one_is_stored_whole(server):
     serve, api = server
     job = api.submit(tiny_config(), name="stalled")
     claim = api.claim("a", 1, 0)
-    assert claim is not None and claim["job"]["id"] == job["id"]
-    job_id, lease = job["id"], claim["lease"]["lease_token"]
+    assert claim is not None and claim.job.id == job.id
+    job_id, lease = job.id, claim.lease.lease_token
 
     resumed_body = metrics_body(lease, "stalled/resumed", range(100))
     resumed = start_request(serve, f"/v1/agent/jobs/{job_id}/metrics", resumed_body)
@@ -84,7 +84,7 @@ def test_stalled_bodies_block_no_one_and_a_resumed_one_is_stored_whole(server):
     # Everyone else is served while those bodies hang (each call is bounded by the client's
     # 30 s timeout: a blocked server fails the test, it does not hang it).
     other = api.submit(tiny_config(), name="other")
-    assert api.heartbeat(job_id, lease)["cancel_requested"] is False
+    assert api.heartbeat(job_id, lease).cancel_requested is False
     api.ingest_metrics(job_id, lease, [{"name": "live", "step": 0, "value": 1.0}])
     assert api.ready()
 
@@ -95,12 +95,12 @@ def test_stalled_bodies_block_no_one_and_a_resumed_one_is_stored_whole(server):
 
     api.finish(job_id, lease, "succeeded")
     second = api.claim("a", 1, 0)
-    assert second is not None and second["job"]["id"] == other["id"]
-    api.finish(other["id"], second["lease"]["lease_token"], "succeeded")
+    assert second is not None and second.job.id == other.id
+    api.finish(other.id, second.lease.lease_token, "succeeded")
 
-    series = api.metrics(job_id, names=["stalled/resumed", "stalled/abandoned", "live"])
-    assert [p["step"] for p in series["series"]["stalled/resumed"]] == list(range(100))
-    assert series["series"].get("stalled/abandoned", []) == []
-    assert len(series["series"]["live"]) == 1
-    names = sorted(j["name"] for j in api.list_jobs(limit=100)["items"])
+    series = api.metrics(job_id, names=["stalled/resumed", "stalled/abandoned", "live"]).series
+    assert [p.step for p in series["stalled/resumed"]] == list(range(100))
+    assert series.get("stalled/abandoned", []) == []
+    assert len(series["live"]) == 1
+    names = sorted(j.name or "" for j in api.iter_jobs(page_size=100))
     assert names == ["other", "stalled"]  # no half-sent submit became a job
