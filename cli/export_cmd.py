@@ -190,7 +190,7 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def write_mlflow(
-    tracking_uri: str, experiment: str, job: dict[str, Any], series: dict[str, list[dict]]
+    tracking_uri: str, experiment: str, job: JobPublic, series: dict[str, list[dict]]
 ) -> str:
     """One MLflow run for the job; returns its run id."""
     try:

@@ -216,14 +216,14 @@ def watch(api, args: argparse.Namespace) -> int:
         if bar is None and p.steps:
             bar = tqdm(total=p.steps, unit="step", desc=f"job {job.id}", file=sys.stderr)
         if bar is not None:
-            bar.n = min(p.step or 0, bar.total)
+            bar.n = min(p.step or 0, bar.total or 0)
             bar.set_postfix(_postfix(job, p), refresh=False)
             bar.refresh()
 
     job = api.wait_for_job(args.job_id, poll_s=args.interval, on_poll=show)
     if bar is not None:
         if job.status is JobStatus.SUCCEEDED:
-            bar.n = bar.total
+            bar.n = bar.total or 0
             bar.refresh()
         bar.close()
     message = f"job {job.id} {job.status}"

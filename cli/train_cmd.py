@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from xsam.records import FitEvent
+from xsam.records import EventRecord, FitEvent, FitRecord, MetricsRecord
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -56,13 +56,13 @@ class _Recorder:
                 if self.metrics_file.tell() == 0:
                     self.csv_writer.writerow(["step", "epoch", "name", "value"])
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: FitRecord) -> None:
         if record["kind"] == "metrics":
             self._metrics(record)
         else:
             self._event(record)
 
-    def _metrics(self, record: dict[str, Any]) -> None:
+    def _metrics(self, record: MetricsRecord) -> None:
         self.latest.update(record["values"])
         for name, value in record["values"].items():
             if self.csv_writer is not None:
@@ -72,7 +72,7 @@ class _Recorder:
                 self.metrics_file.write(json.dumps({**row, "value": value}) + "\n")
         if self.bar is not None:
             self.bar.n = record["step"]
-            post = {"epoch": record["epoch"]}
+            post: dict[str, object] = {"epoch": record["epoch"]}
             for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("xsam/alpha", "α")):
                 if key in self.latest:
                     post[label] = f"{self.latest[key]:.4g}"
@@ -82,7 +82,7 @@ class _Recorder:
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
 
-    def _event(self, record: dict[str, Any]) -> None:
+    def _event(self, record: EventRecord) -> None:
         if self.events_file is not None:
             self.events_file.write(json.dumps(record, default=str) + "\n")
             self.events_file.flush()

@@ -24,6 +24,7 @@ from service.contract import (
     FinishStatus,
     JobPublic,
     JobStatus,
+    MetricPoint,
     Progress,
     Role,
     RoleName,
@@ -106,7 +107,9 @@ def public_job(
         started_at=job.started_at,
         finished_at=job.finished_at,
         progress=progress_of(job),
-        latest_metrics=latest_metrics or {},
+        latest_metrics={
+            k: MetricPoint.model_validate(v) for k, v in (latest_metrics or {}).items()
+        },
         error=ErrorInfo(**job.error) if job.error else None,
         queue_position=queue_position,
         cancel_requested=job.cancel_requested,

@@ -21,6 +21,7 @@ import ray
 
 from service.contract import RUN_OUTCOME_OF_FIT, EventType, RunOutcome
 from worker.control import LEASE_LOST, NAMESPACE, StopFlag
+from xsam.records import FitRecord
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _train(
         alpha_max = spec["config"].get("optimizer", {}).get("alpha_max")
         watched = watch_alpha(reporter, AlphaEdgeRule(health.alpha_edge_searches, alpha_max))
 
-        def report(record: dict[str, Any]) -> None:
+        def report(record: FitRecord) -> None:
             watched(record)
             if record.get("type") == EventType.EPOCH_DONE:
                 persist()

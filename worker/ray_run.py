@@ -136,7 +136,7 @@ class JobRun:
         self._stop_reason: str | None = None
         self.started = time.monotonic()
         #: The health rules' numbers, from the service with the lease (worker/health.py).
-        self.health = HealthSettings.from_lease(lease)
+        self.health = HealthSettings.from_lease(lease.model_dump())
         self._stall_rule = StallRule(self.health.stall_step_multiple, self.health.stall_min_s)
         self.stall: Stall | None = None
 

@@ -37,7 +37,7 @@ class ErrorInfo(BaseModel):
     @model_serializer(mode="wrap")
     def _without_absent_traceback(self, handler: Any) -> dict[str, Any]:
         # Errors that carry no traceback (lease expired, bad config) keep their {type, message}.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if data.get("traceback") is None:
             data.pop("traceback", None)
         return data

@@ -24,7 +24,7 @@ def _public(token: Token) -> TokenPublic:
     return TokenPublic(
         id=token.id,
         name=token.name,
-        role=token.role,
+        role=Role(token.role),
         created_at=token.created_at,
         revoked_at=token.revoked_at,
     )
@@ -43,7 +43,7 @@ def create(body: TokenCreate, session: SessionDep, admin: AdminDep) -> TokenCrea
         if session.scalars(held).first() is not None:
             raise TokenNameTaken(f"an active token is already named {body.name!r}")
         token, secret = create_token(session, body.name, Role(body.role))
-        return TokenCreated(id=token.id, name=token.name, role=token.role, token=secret)
+        return TokenCreated(id=token.id, name=token.name, role=Role(token.role), token=secret)
 
 
 @router.get("", response_model=TokensPublic)
