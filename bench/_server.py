@@ -27,7 +27,7 @@ def start_server(url: str, data_dir: Path, workers: int = 1) -> tuple[subprocess
     env = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
     env["XSAM_ADMIN_TOKEN"] = ADMIN
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(port),
+        [sys.executable, "-m", "cli", "serve", "--no-agent", "--port", str(port),
          "--data-dir", str(data_dir), "--database-url", url, "--log-level", "warning",
          "--workers", str(workers)],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -33,13 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.client import XsamClient  # noqa: E402
+from service.contract import EventType, JobPublic, JobStatus  # noqa: E402
 from worker import local_ray  # noqa: E402
 from worker.local_ray import free_ports  # noqa: E402
 
@@ -95,7 +96,7 @@ def noop_trainer_runs(work: Path, num_cpus: int, workers: int, repeats: int) -> 
 
 def start_serve(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     port = free_ports(1)[0]
-    cmd = [sys.executable, "-m", "xsam", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port),
            "--data-dir", str(work / "serve"), "--data-root", str(work / "data")]  # fmt: skip
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
@@ -120,27 +121,26 @@ def run_job(api: XsamClient, workers: int = 1) -> dict[str, float]:
     config = {**CONFIG, "data": data, "resources": {"num_workers": workers}}
     job = api.submit(config, name="bench-e2e")
     first_step = None
-    while True:
-        now = time.monotonic()
-        state = api.get_job(job["id"])
-        if first_step is None and state.get("latest_metrics"):
-            first_step = now - t0
-        if state["status"] in ("succeeded", "failed", "cancelled"):
-            total = now - t0
-            break
-        time.sleep(0.1)
-    if state["status"] != "succeeded":
-        raise SystemExit(f"job {job['id']} {state['status']}: {state.get('error')}")
-    events = api.events(job["id"])["items"]
-    first = {e["type"]: e for e in reversed(events)}  # the first event of each type
-    fit_s = float(first["finished"]["data"]["fit_seconds"])
 
-    def at(stamp: str) -> float:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    def seen(state: JobPublic) -> None:
+        nonlocal first_step
+        if first_step is None and state.latest_metrics:
+            first_step = time.monotonic() - t0
+
+    state = api.wait_for_job(job.id, poll_s=0.1, on_poll=seen)
+    total = time.monotonic() - t0
+    if state.status is not JobStatus.SUCCEEDED:
+        raise SystemExit(f"job {job.id} {state.status}: {state.error}")
+    events = api.events(job.id).items
+    first = {e.type: e for e in reversed(events)}  # the first event of each type
+    fit_s = float((first[EventType.FINISHED].data or {})["fit_seconds"])
+
+    def at(stamp: datetime) -> float:
+        return stamp.replace(tzinfo=stamp.tzinfo or UTC).timestamp()
 
     # Where the overhead goes (server and rank clocks: the same machine here).
-    claimed = at(first["claimed"]["time"]) - at(state["created_at"])
-    started = at(first["started"]["time"]) - at(first["claimed"]["time"])
+    claimed = at(first[EventType.CLAIMED].time) - at(state.created_at)
+    started = at(first[EventType.STARTED].time) - at(first[EventType.CLAIMED].time)
     return {"first_step_s": first_step or total, "total_s": total, "fit_s": fit_s,
             "overhead_s": total - fit_s, "submit_to_claim_s": claimed,
             "claim_to_fit_started_s": started}  # fmt: skip
@@ -152,7 +152,7 @@ def run_train(work: Path, i: int) -> dict[str, float]:
     out = work / f"train-{i}"
     t0 = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "xsam", "train", str(config), "--out", str(out), "--no-progress",
+        [sys.executable, "-m", "cli", "train", str(config), "--out", str(out), "--no-progress",
          "--data-root", str(work / "data")],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip

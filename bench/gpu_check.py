@@ -166,16 +166,18 @@ def check_cuda(device: str) -> str | None:
 
 
 def e2e_train(device: str, work: Path, quick: bool) -> int:
-    """`python -m xsam train` on the job's config: fit() on the device with no service, no Ray."""
+    """`python -m cli train` on the job's config: fit() on the device with no service, no Ray."""
     reason = check_cuda(device)
     if reason:
         return skip(reason)
+    from xsam.records import FitEvent, FitOutcome
+
     work.mkdir(parents=True, exist_ok=True)
     config = job_config(device, quick)
     path = work / "train.json"
     path.write_text(json.dumps(config, indent=2))
     out = work / "train-out"
-    cmd = [sys.executable, "-m", "xsam", "train", str(path), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "cli", "train", str(path), "--out", str(out), "--no-progress"]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "XSAM_DATA_ROOT": str(work / "data")})
@@ -185,8 +187,8 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
         return 1
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    started = next(e for e in events if e["type"] == "started")
-    searches = sum(e["type"] == "alpha_search" for e in events)
+    started = next(e for e in events if e["type"] == FitEvent.STARTED)
+    searches = sum(e["type"] == FitEvent.ALPHA_SEARCH for e in events)
     result = {
         "status": summary["status"],
         "device": started["data"]["device"],
@@ -198,7 +200,7 @@ def e2e_train(device: str, work: Path, quick: bool) -> int:
     }
     print("RESULT " + json.dumps(result), flush=True)
     problems = []
-    if summary["status"] != "completed":
+    if summary["status"] != FitOutcome.COMPLETED:
         problems.append(f"status {summary['status']}")
     if device == "cuda" and not started["data"]["device"].startswith("cuda"):
         problems.append(f"trained on {started['data']['device']}, not CUDA")
@@ -222,13 +224,14 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
             "a device run can carry); e2e-train runs the same fit() on the device without Ray"
         )
     from service.client import XsamClient
+    from service.contract import JobStatus
     from worker.local_ray import free_ports
 
     work.mkdir(parents=True, exist_ok=True)
     data_dir, port = work / "serve", free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "xsam", "serve", "--port", str(port), "--data-dir", str(data_dir),
+        sys.executable, "-m", "cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
         "--num-cpus", "4", "--num-gpus", "1" if device == "cuda" else "0", "--max-jobs", "1",
         "--data-root", str(work / "data"), "--log-level", "warning",
     ]  # fmt: skip
@@ -255,25 +258,22 @@ def e2e_serve(device: str, work: Path, quick: bool, timeout: float) -> int:
         token = (data_dir / "admin.token").read_text().strip()
         with XsamClient(url, token, timeout=30) as api:
             job = api.submit(job_config(device, quick), name="gpu-check", tags=["gpu-check"])
-            while True:
-                job = api.get_job(job["id"])
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    break
-                if time.monotonic() > deadline:
-                    print(f"FAILED: job {job['id']} still {job['status']} at the deadline")
-                    return 1
-                time.sleep(1)
-            latest = api.latest_metrics(job["id"])
+            try:
+                job = api.wait_for_job(job.id, timeout=max(deadline - time.monotonic(), 0))
+            except TimeoutError as exc:
+                print(f"FAILED: {exc} (the deadline)")
+                return 1
+            latest = api.latest_metrics(job.id)
         result = {
-            "status": job["status"],
+            "status": job.status,
             "serve_start_seconds": round(started, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
-            "error": job.get("error"),
-            "latest": latest,
+            "error": job.error.model_dump() if job.error else None,
+            "latest": latest.model_dump(mode="json"),
         }
         print("RESULT " + json.dumps(result, default=str), flush=True)
-        if job["status"] != "succeeded":
-            print(f"FAILED: job ended {job['status']}: {job.get('error')}")
+        if job.status is not JobStatus.SUCCEEDED:
+            print(f"FAILED: job ended {job.status}: {job.error}")
             return 1
         return 0
     finally:

@@ -28,6 +28,7 @@ COPY migrations ./migrations
 COPY xsam ./xsam
 COPY service ./service
 COPY worker ./worker
+COPY cli ./cli
 # Editable: `xsam serve` applies the migrations from the source tree (service/db/migrate.py finds
 # alembic.ini and migrations/ next to service/), so the code stays where they are.
 RUN pip install --no-deps --editable . \

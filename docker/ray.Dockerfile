@@ -34,6 +34,7 @@ RUN pip install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL
 COPY xsam ./xsam
 COPY service ./service
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install --no-deps . \
     && python -c "import torch, ray; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; assert ray.__version__ == '2.60.0', ray.__version__; import xsam.training, worker"
 

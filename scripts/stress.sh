@@ -38,8 +38,10 @@ plan=$(cat <<'EOF'
 10 tests/xsam/test_training.py -k ddp
 10 tests/worker/test_e2e.py
 10 tests/worker/test_study_e2e.py tests/worker/test_logs_e2e.py
+5 tests/faults/test_restarts_database.py tests/faults/test_restarts_api.py tests/faults/test_restarts_agent.py tests/faults/test_restarts_rank.py
 10 tests/deploy/test_topology.py
-10 tests/service/test_client.py tests/service/test_serve_single.py tests/service/test_dashboard_browser.py tests/worker/test_heartbeat_and_failures.py tests/worker/test_jobs_cli.py tests/bench
+10 tests/service/test_client.py tests/service/test_serve_single.py tests/service/test_dashboard_browser.py tests/worker/test_heartbeat_and_failures.py tests/cli/test_jobs_cli.py tests/bench
+10 tests/faults
 EOF
 )
 if [ ${#tests[@]} -gt 0 ]; then

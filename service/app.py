@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +29,7 @@ from service.quotas import SubmitRateLimiter
 from service.routes import agent, health, jobs, studies, tokens, ui
 from service.settings import Settings, get_settings
 from service.storable import printable
+from xsam.config import locate_error
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",
 }
-_FIELD_IN_MESSAGE = re.compile(r"^(?:Value error, )?([a-z_]+): ")
 
 
 def reap_once(state: AppState) -> int:
@@ -48,12 +48,21 @@ def reap_once(state: AppState) -> int:
 
 
 async def _reap_forever(state: AppState) -> None:
+    # A lease is judged only by time in which this process could hear its heartbeats: for one
+    # lease timeout after the process starts (the API was down before: an agent's beats went
+    # nowhere) and after a pass that failed (the database was unreachable: so were the beats),
+    # no lease expires. Otherwise restarting the API or the database would requeue every
+    # running job, each at the cost of an attempt, while its agent is alive and training.
+    grace_until = time.monotonic() + state.settings.lease_s
     while True:
         await asyncio.sleep(state.settings.reaper_interval_s)
+        if time.monotonic() < grace_until:
+            continue
         try:
             await anyio.to_thread.run_sync(reap_once, state)
         except Exception:
             log.exception("lease reaper pass failed; retrying next interval")
+            grace_until = time.monotonic() + state.settings.lease_s
 
 
 def _error(status: int, detail: str, code: str) -> JSONResponse:
@@ -106,12 +115,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     try:
         errors = _validation_errors(exc)
         for item in errors:
-            # A cross-field check names its field at the start of its message ("rho_max: …"):
-            # append it to loc so every error points at a field.
-            match = _FIELD_IN_MESSAGE.match(str(item.get("msg", "")))
+            # A cross-field check names its field in its message, not in loc: so that every
+            # error points at a field, loc gets it (the message stays as pydantic wrote it).
             loc = item.get("loc")
-            if match and isinstance(loc, list) and (not loc or loc[-1] != match[1]):
-                item["loc"] = [*loc, match[1]]
+            if isinstance(loc, list):
+                item["loc"] = list(locate_error(loc, str(item.get("msg", "")))[0])
         return JSONResponse({"detail": errors, "code": "validation_error"}, status_code=422)
     except Exception:
         # The error handler must never fail itself: a 422 without the details beats a 500.

@@ -17,25 +17,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.contract import Role
 from service.db.engine import db_now
 from service.db.models import Token
-
-
-class Role(StrEnum):
-    """What a token may do."""
-
-    #: Submit, read and cancel its own jobs (those submitted with this very token).
-    USER = "user"
-    #: Call /v1/agent/*: claim jobs, heartbeat, ingest, finish.
-    AGENT = "agent"
-    #: Everything: every owner's jobs, the agent routes, and token management.
-    ADMIN = "admin"
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,65 @@
 """A typed, synchronous client of the whole REST API v1 (used by the CLI, the agent and tests).
 
-Imports only httpx and the standard library: worker/ imports it on GPU nodes, where neither
-fastapi nor sqlalchemy is installed. Transport errors and error responses are translated once,
-into `ApiError` and its subclasses.
+Imports httpx, the standard library and the contract (service/contract/): worker/ imports it on
+GPU nodes, where neither fastapi nor sqlalchemy is installed. Methods return the contract's
+models, the very classes the server answers with. Transport errors and error responses are
+translated once, into `ApiError` and its subclasses, by the server's stable ``code``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
+from service.client_errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    LeaseLost,
+    NotFound,
+    ServiceUnreachable,
+    Unauthorized,
+    error_for,
+)
+from service.contract import (
+    TERMINAL,
+    ClaimPublic,
+    EventPublic,
+    EventsPublic,
+    HeartbeatPublic,
+    IngestPublic,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    LatestMetricsPublic,
+    LogsPublic,
+    MetricsPublic,
+    Role,
+    StudiesPublic,
+    StudyCurves,
+    StudyPublic,
+    StudySummary,
+    TokenCreated,
+    TokenPublic,
+    TokensPublic,
+)
+from service.local_server import (
+    DEFAULT_SERVER,
+    SERVE_RECORD,
+    LocalSecretRefused,
+    default_data_dir,
+    default_server_and_token,
+    is_local_server,
+)
 
 __all__ = [
     "DEFAULT_SERVER",
+    "SERVE_RECORD",
     "ApiError",
     "Conflict",
     "Forbidden",
@@ -30,145 +71,20 @@ __all__ = [
     "XsamClient",
     "default_data_dir",
     "default_server_and_token",
+    "is_local_server",
 ]
 
-#: Host names that mean this machine.
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-#: Written by `xsam serve` into its data directory while it runs: ``{"pid", "url"}``.
-SERVE_RECORD = "serve.lock"
-
-
-class LocalSecretRefused(Exception):
-    """No token was given, and this machine's admin secret is not for that server."""
-
-
-class ApiError(Exception):
-    """The service answered with an error (or could not be reached: status 0)."""
-
-    def __init__(self, status: int, code: str, detail: Any) -> None:
-        self.status = status
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{status} {code}: {detail}")
-
-
-class Unauthorized(ApiError):
-    """401: no token, or an unknown or revoked one."""
-
-
-class Forbidden(ApiError):
-    """403: the token's role may not do that."""
-
-
-class NotFound(ApiError):
-    """404: no such job/token/artifact (or not yours)."""
-
-
-class Conflict(ApiError):
-    """409: the request conflicts with the job's state (e.g. cancelling a finished job)."""
-
-
-class LeaseLost(Conflict):
-    """409 on an agent route: the lease is gone; stop the run and report nothing more."""
-
-
-class ServiceUnreachable(ApiError):
-    """The service could not be reached or did not answer in time."""
-
-
-_BY_STATUS: dict[int, type[ApiError]] = {
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-}
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("XSAM_DATA_DIR") or "~/.xsam").expanduser()
-
-
-def _host_port(url: str) -> tuple[str, int | None]:
-    parsed = httpx.URL(url)
-    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
-    host = parsed.host.lower()
-    return ("127.0.0.1" if host in LOOPBACK_HOSTS else host), port
-
-
-def is_local_server(server: str, data_dir: Path | None = None) -> bool:
-    """Whether `server` is the `xsam serve` whose data directory is `data_dir`: a loopback
-    address and, while that server runs (it records its URL there), its port."""
-    host, port = _host_port(server)
-    if host != "127.0.0.1":
-        return False
-    running = _running_server_url(data_dir or default_data_dir())
-    if running is None:
-        return True  # no server runs on this data directory: any loopback port is ours
-    return _host_port(running) == (host, port)
-
-
-def _running_server_url(data_dir: Path) -> str | None:
-    """The URL `xsam serve` recorded in `data_dir`, if it still runs (holds the lock)."""
-    import fcntl
-
-    try:
-        fd = os.open(data_dir / SERVE_RECORD, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # held: the server runs, and its record is current
-            return str(json.loads(os.pread(fd, 4096, 0))["url"])
-        return None  # nobody holds it: a record left by a server that was killed
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    finally:
-        os.close(fd)
-
-
-def default_server_and_token(
-    server: str | None = None, token: str | None = None
-) -> tuple[str, str | None]:
-    """The server URL and token the CLI uses: arguments, else $XSAM_SERVER / $XSAM_TOKEN, else
-    http://127.0.0.1:8000 and this machine's admin secret ($XSAM_ADMIN_TOKEN, or the
-    <data_dir>/admin.token that `xsam serve` wrote).
-
-    That secret is sent only to the local server it belongs to (`is_local_server`): for any
-    other server, with no token given, this raises `LocalSecretRefused` naming XSAM_TOKEN,
-    rather than hand an admin secret to whatever answers there.
-    """
-    server = (server or os.environ.get("XSAM_SERVER") or DEFAULT_SERVER).rstrip("/")
-    token = token or os.environ.get("XSAM_TOKEN")
-    if token:
-        return server, token
-    where = "$XSAM_ADMIN_TOKEN"
-    local = os.environ.get("XSAM_ADMIN_TOKEN")
-    if not local:
-        path = default_data_dir() / "admin.token"
-        where = str(path)
-        try:
-            local = path.read_text().strip() or None
-        except OSError:
-            local = None
-    if local is None:
-        return server, None
-    if not is_local_server(server):
-        raise LocalSecretRefused(
-            f"{server} is not the local `xsam serve`, and this machine's admin secret ({where}) "
-            f"is only sent to that one: set XSAM_TOKEN (or --token) to a token of {server}"
-        )
-    return server, local
+M = TypeVar("M", bound=BaseModel)
 
 
 class XsamClient:
-    """Speaks REST API v1. Methods return the decoded JSON (dicts), as documented in docs/api.md.
+    """Speaks REST API v1; methods return the contract's models (docs/api.md has each shape).
 
     Example::
 
         with XsamClient("http://127.0.0.1:8000", token) as api:
             job = api.submit({"model": {"name": "mlp"}, "data": {"name": "digits"}})
-            print(api.get_job(job["id"])["status"])
+            print(api.wait_for_job(job.id, timeout=600).status)
     """
 
     def __init__(
@@ -203,7 +119,6 @@ class XsamClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-        agent: bool = False,
     ) -> httpx.Response:
         if params is not None:
             params = {k: v for k, v in params.items() if v is not None}
@@ -215,18 +130,10 @@ class XsamClient:
             ) from exc
         if response.is_success:
             return response
-        try:
-            body = response.json()
-            detail, code = body.get("detail", response.text), body.get("code", "error")
-        except ValueError:
-            detail, code = response.text or response.reason_phrase, f"http_{response.status_code}"
-        cls = _BY_STATUS.get(response.status_code, ApiError)
-        if agent and response.status_code == 409:
-            cls = LeaseLost
-        raise cls(response.status_code, code, detail)
+        raise error_for(response)
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+    def _call(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        return model.model_validate_json(self._request(method, path, **kwargs).content)
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -239,7 +146,7 @@ class XsamClient:
         max_attempts: int | None = None,
         tags: Iterable[str] = (),
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobPublic:
         """Queue a job (config: a TrainConfig as a dict); returns the Job."""
         body: dict[str, Any] = {"config": dict(config), "priority": priority, "tags": list(tags)}
         if name is not None:
@@ -247,7 +154,7 @@ class XsamClient:
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._json("POST", "/v1/jobs", json=body, headers=headers)
+        return self._call(JobPublic, "POST", "/v1/jobs", json=body, headers=headers)
 
     def list_jobs(
         self,
@@ -257,16 +164,16 @@ class XsamClient:
         limit: int | None = None,
         cursor: str | None = None,
         study: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobsPublic:
         """One page ``{items, next_cursor}``, newest first (``study``: only that study's jobs)."""
         params = {"status": status, "tag": tag, "limit": limit, "cursor": cursor, "study": study}
-        return self._json("GET", "/v1/jobs", params=params)
+        return self._call(JobsPublic, "GET", "/v1/jobs", params=params)
 
-    def get_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}")
+    def get_job(self, job_id: int) -> JobPublic:
+        return self._call(JobPublic, "GET", f"/v1/jobs/{job_id}")
 
-    def cancel(self, job_id: int) -> dict[str, Any]:
-        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+    def cancel(self, job_id: int) -> JobPublic:
+        return self._call(JobPublic, "POST", f"/v1/jobs/{job_id}/cancel")
 
     def metrics(
         self,
@@ -276,25 +183,25 @@ class XsamClient:
         since_step: int | None = None,
         until_step: int | None = None,
         max_points: int | None = None,
-    ) -> dict[str, Any]:
-        """``{job_id, series: {name: [point or bucket, ...]}}``."""
+    ) -> MetricsPublic:
+        """Per name a series of points, or of buckets where it was downsampled."""
         params = {
             "names": ",".join(names) if names else None,
             "since_step": since_step,
             "until_step": until_step,
             "max_points": max_points,
         }
-        return self._json("GET", f"/v1/jobs/{job_id}/metrics", params=params)
+        return self._call(MetricsPublic, "GET", f"/v1/jobs/{job_id}/metrics", params=params)
 
-    def latest_metrics(self, job_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}/metrics/latest")
+    def latest_metrics(self, job_id: int) -> LatestMetricsPublic:
+        return self._call(LatestMetricsPublic, "GET", f"/v1/jobs/{job_id}/metrics/latest")
 
     def events(
         self, job_id: int, *, after: int = 0, limit: int | None = None, type: str | None = None
-    ) -> dict[str, Any]:
-        """``{items, next_after}``; pass ``next_after`` back as ``after`` to resume."""
+    ) -> EventsPublic:
+        """One page of events; pass ``next_after`` back as ``after`` to resume."""
         params = {"after": after, "limit": limit, "type": type}
-        return self._json("GET", f"/v1/jobs/{job_id}/events", params=params)
+        return self._call(EventsPublic, "GET", f"/v1/jobs/{job_id}/events", params=params)
 
     def logs(
         self,
@@ -304,10 +211,10 @@ class XsamClient:
         attempt: int | None = None,
         rank: int | None = None,
         limit: int | None = None,
-    ) -> dict[str, Any]:
-        """``{items: [{id, attempt, rank, time, stream, level, text}], next_after, dropped}``."""
+    ) -> LogsPublic:
+        """One page of log lines, and how many lines the per-job cap dropped."""
         params = {"after": after, "attempt": attempt, "rank": rank, "limit": limit}
-        return self._json("GET", f"/v1/jobs/{job_id}/logs", params=params)
+        return self._call(LogsPublic, "GET", f"/v1/jobs/{job_id}/logs", params=params)
 
     def download_model(self, job_id: int, dest: str | Path) -> Path:
         """Stream the job's trained weights to `dest` (a file, or a directory to put it in)."""
@@ -319,7 +226,7 @@ class XsamClient:
             with self._http.stream("GET", url) as response:
                 if not response.is_success:
                     response.read()
-                    self._raise_for(response)
+                    raise error_for(response)
                 tmp = dest.with_name(dest.name + ".part")
                 with tmp.open("wb") as f:
                     for chunk in response.iter_bytes():
@@ -329,32 +236,94 @@ class XsamClient:
             raise ServiceUnreachable(0, "unreachable", f"{type(exc).__name__}: {exc}") from exc
         return dest
 
-    def _raise_for(self, response: httpx.Response) -> None:
-        try:
-            body = response.json()
-            detail, code = body.get("detail", response.text), body.get("code", "error")
-        except ValueError:
-            detail, code = response.text, f"http_{response.status_code}"
-        raise _BY_STATUS.get(response.status_code, ApiError)(response.status_code, code, detail)
+    # --- what every caller would otherwise write by hand -------------------------------------
+
+    def wait_for_job(
+        self,
+        job_id: int,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 1.0,
+        on_poll: Callable[[JobPublic], None] | None = None,
+    ) -> JobPublic:
+        """Poll the job until it is terminal and return it; `TimeoutError` after `timeout` s.
+
+        ``on_poll`` sees every state read, the last one included (a progress bar, a log line).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            if job.status in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+            time.sleep(poll_s)
+
+    def iter_jobs(
+        self,
+        *,
+        status: str | None = None,
+        tag: str | None = None,
+        study: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[JobPublic]:
+        """Every job that matches, newest first, across as many pages as it takes."""
+        cursor: str | None = None
+        while True:
+            page = self.list_jobs(
+                status=status, tag=tag, study=study, limit=page_size, cursor=cursor
+            )
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def iter_studies(self, *, page_size: int | None = None) -> Iterator[StudyPublic]:
+        """Every study the caller may see, newest first, across pages."""
+        cursor: str | None = None
+        while True:
+            page = self.list_studies(limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def follow_events(
+        self, job_id: int, *, after: int = 0, poll_s: float = 1.0, type: str | None = None
+    ) -> Iterator[EventPublic]:
+        """The job's events in order as they come, until the job is terminal and all are read."""
+        while True:
+            page = self.events(job_id, after=after, type=type)
+            yield from page.items
+            after = page.next_after
+            if page.items:
+                continue  # there may be more at once
+            if self.get_job(job_id).status in TERMINAL:
+                # Events recorded with the last status change are read once more, then done.
+                last = self.events(job_id, after=after, type=type)
+                yield from last.items
+                return
+            time.sleep(poll_s)
 
     # --- studies ---------------------------------------------------------------------------
 
-    def submit_study(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+    def submit_study(self, spec: Mapping[str, Any]) -> StudyPublic:
         """Submit a study ``{name?, base, arms?, grid?, seeds, baseline?, …}``; returns the Study."""
-        return self._json("POST", "/v1/studies", json=dict(spec))
+        return self._call(StudyPublic, "POST", "/v1/studies", json=dict(spec))
 
-    def list_studies(
-        self, *, limit: int | None = None, cursor: str | None = None
-    ) -> dict[str, Any]:
+    def list_studies(self, *, limit: int | None = None, cursor: str | None = None) -> StudiesPublic:
         """One page ``{items, next_cursor}`` of Studies, newest first."""
-        return self._json("GET", "/v1/studies", params={"limit": limit, "cursor": cursor})
+        params = {"limit": limit, "cursor": cursor}
+        return self._call(StudiesPublic, "GET", "/v1/studies", params=params)
 
-    def get_study(self, study_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/v1/studies/{study_id}")
+    def get_study(self, study_id: int) -> StudyPublic:
+        return self._call(StudyPublic, "GET", f"/v1/studies/{study_id}")
 
-    def cancel_study(self, study_id: int) -> dict[str, Any]:
+    def cancel_study(self, study_id: int) -> StudyPublic:
         """Cancel every job of the study not yet finished; returns the Study."""
-        return self._json("POST", f"/v1/studies/{study_id}/cancel")
+        return self._call(StudyPublic, "POST", f"/v1/studies/{study_id}/cancel")
 
     def study_summary(
         self,
@@ -363,26 +332,27 @@ class XsamClient:
         metric: str | None = None,
         mode: str | None = None,
         target: float | None = None,
-    ) -> dict[str, Any]:
-        """``{study_id, metric, mode, target, cells: [...]}`` (docs/api.md, Studies)."""
+    ) -> StudySummary:
+        """Per cell the statistics of `metric` over seeds (docs/api.md, Studies)."""
         params = {"metric": metric, "mode": mode, "target": target}
-        return self._json("GET", f"/v1/studies/{study_id}/summary", params=params)
+        return self._call(StudySummary, "GET", f"/v1/studies/{study_id}/summary", params=params)
 
     def study_curves(
         self, study_id: int, *, name: str | None = None, max_points: int | None = None
-    ) -> dict[str, Any]:
-        """``{study_id, name, cells: {key: [{step, mean, sd, min, max, n}, ...]}}``."""
+    ) -> StudyCurves:
+        """Per cell the curve of `name` over seeds: ``{step, mean, sd, min, max, n}``."""
         params = {"name": name, "max_points": max_points}
-        return self._json("GET", f"/v1/studies/{study_id}/curves", params=params)
+        return self._call(StudyCurves, "GET", f"/v1/studies/{study_id}/curves", params=params)
 
     # --- tokens (admin) -------------------------------------------------------------------
 
-    def create_token(self, name: str, role: str = "user") -> dict[str, Any]:
-        """``{id, name, role, token}``; the secret is shown only here."""
-        return self._json("POST", "/v1/tokens", json={"name": name, "role": role})
+    def create_token(self, name: str, role: Role | str = Role.USER) -> TokenCreated:
+        """A new token; its secret (``token``) is shown only here."""
+        body = {"name": name, "role": str(role)}
+        return self._call(TokenCreated, "POST", "/v1/tokens", json=body)
 
-    def list_tokens(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/tokens")["items"]
+    def list_tokens(self) -> list[TokenPublic]:
+        return self._call(TokensPublic, "GET", "/v1/tokens").items
 
     def revoke_token(self, token_id: int) -> None:
         self._request("DELETE", f"/v1/tokens/{token_id}")
@@ -399,66 +369,68 @@ class XsamClient:
 
     # --- agent side -----------------------------------------------------------------------
 
-    def claim(self, agent_id: str, cpus: float, gpus: int) -> dict[str, Any] | None:
-        """``{job, lease: {attempt, lease_token, heartbeat_interval_s, health}}``, or None if none
-        fits."""
+    def claim(self, agent_id: str, cpus: float, gpus: int) -> ClaimPublic | None:
+        """A job that fits and its lease (attempt, lease token, heartbeat interval, the health
+        rules), or None if none fits."""
         response = self._request(
             "POST",
             "/v1/agent/claim",
             json={"agent_id": agent_id, "capacity": {"cpus": cpus, "gpus": gpus}},
         )
-        return None if response.status_code == 204 else response.json()
+        if response.status_code == 204:
+            return None
+        return ClaimPublic.model_validate_json(response.content)
 
     def heartbeat(
         self, job_id: int, lease_token: str, progress: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """``{cancel_requested}``; raises `LeaseLost` when the lease is gone."""
+    ) -> HeartbeatPublic:
+        """Whether a cancel was requested; raises `LeaseLost` when the lease is gone."""
         body: dict[str, Any] = {"lease_token": lease_token}
         if progress is not None:
             body["progress"] = dict(progress)
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/heartbeat", json=body, agent=True)
+        return self._call(HeartbeatPublic, "POST", f"/v1/agent/jobs/{job_id}/heartbeat", json=body)
 
     def finish(
         self,
         job_id: int,
         lease_token: str,
-        status: str,
+        status: JobStatus | str,
         error: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobPublic:
         """End the run: status is succeeded, failed (with error {type, message}) or cancelled."""
-        body: dict[str, Any] = {"lease_token": lease_token, "status": status}
+        body: dict[str, Any] = {"lease_token": lease_token, "status": str(status)}
         if error is not None:
             body["error"] = dict(error)
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/finish", json=body, agent=True)
+        return self._call(JobPublic, "POST", f"/v1/agent/jobs/{job_id}/finish", json=body)
 
-    def release(self, job_id: int, lease_token: str, reason: str | None = None) -> dict[str, Any]:
+    def release(self, job_id: int, lease_token: str, reason: str | None = None) -> JobPublic:
         """Hand the running job back (queued, attempt not counted; cancelled if a cancel was
         requested); returns the Job. Raises `LeaseLost` when the lease is already gone."""
         body: dict[str, Any] = {"lease_token": lease_token}
         if reason is not None:
             body["reason"] = reason
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/release", json=body, agent=True)
+        return self._call(JobPublic, "POST", f"/v1/agent/jobs/{job_id}/release", json=body)
 
     def ingest_metrics(
         self, job_id: int, lease_token: str, points: Iterable[Mapping[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> IngestPublic:
         """Points ``{name, step, value, epoch?, time?}``; replays are ignored by the service."""
         body = {"lease_token": lease_token, "points": [_jsonable(p) for p in points]}
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/metrics", json=body, agent=True)
+        return self._call(IngestPublic, "POST", f"/v1/agent/jobs/{job_id}/metrics", json=body)
 
     def ingest_events(
         self, job_id: int, lease_token: str, events: Iterable[Mapping[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> IngestPublic:
         """Events ``{type, message, data?, key?}``; a key the job already has is dropped."""
         body = {"lease_token": lease_token, "events": [_jsonable(e) for e in events]}
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/events", json=body, agent=True)
+        return self._call(IngestPublic, "POST", f"/v1/agent/jobs/{job_id}/events", json=body)
 
     def ingest_logs(
         self, job_id: int, lease_token: str, lines: Iterable[Mapping[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> IngestPublic:
         """Lines ``{rank, seq, time?, stream, level?, text}``; replays are dropped."""
         body = {"lease_token": lease_token, "lines": [_jsonable(line) for line in lines]}
-        return self._json("POST", f"/v1/agent/jobs/{job_id}/logs", json=body, agent=True)
+        return self._call(IngestPublic, "POST", f"/v1/agent/jobs/{job_id}/logs", json=body)
 
 
 def _jsonable(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import Principal, Role, TokenCache, authenticate, hash_secret
+from service.auth import Principal, TokenCache, authenticate, hash_secret
+from service.contract import Role
 from service.errors import PermissionDenied, Unauthenticated
 from service.observability import Instruments
 from service.queue import LeasePolicy

@@ -14,9 +14,9 @@ from sqlalchemy import Connection, Select, and_, bindparam, case, func, literal,
 from sqlalchemy.orm import Session, aliased, noload
 
 from service import metric_rollups, metric_series
+from service.contract import JobPublic, JobStatus, MetricPoint
 from service.db.models import Job, JobTag, MetricRollup
-from service.queue import JobStatus
-from service.schemas import JobPublic, MetricPoint
+from service.schemas import public_job
 
 _ahead = aliased(Job, name="ahead")
 _QUEUED = JobStatus.QUEUED.value
@@ -88,7 +88,7 @@ def jobs_public(
     latest = metric_series.latest(session, [job.id for job, _, _ in rows])
     out = []
     for job, position, tags in rows:
-        public = JobPublic.from_job(job, latest_metrics=latest[job.id], queue_position=position)
+        public = public_job(job, latest_metrics=latest[job.id], queue_position=position)
         public.tags = sorted(tags.split(",")) if tags else []
         out.append(public)
     return out
@@ -161,6 +161,6 @@ def job_json(connection: Connection, job_id: int, owner_key: str | None = None) 
     }
     job = SimpleNamespace(**first._mapping)
     job.tags = sorted(first.tags.split(",")) if first.tags else []
-    public = JobPublic.from_job(job, queue_position=first.queue_position)  # type: ignore[arg-type]
+    public = public_job(job, queue_position=first.queue_position)  # type: ignore[arg-type]
     public.latest_metrics = latest
     return JobPublic.__pydantic_serializer__.to_json(public)

@@ -124,7 +124,7 @@ def ingest_fenced(
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for p in points:
         t = p.get("time")
-        if t not in naive:
+        if t is not None and t not in naive:
             naive[t] = t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
         rows[p["name"], p["step"]] = {
             "name": p["name"], "step": p["step"], "value": p["value"], "epoch": p.get("epoch"),

@@ -14,6 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.contract import JobStatus
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class _JobsCollector(Collector):
             jobs.add_metric([status], n)
         yield jobs
         yield GaugeMetricFamily(
-            "xsam_queue_depth", "Jobs waiting to be claimed", value=counts.get("queued", 0)
+            "xsam_queue_depth", "Jobs waiting to be claimed", value=counts.get(JobStatus.QUEUED, 0)
         )
 
 

@@ -14,13 +14,13 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement, CursorResult, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.contract import TERMINAL, EventType, JobStatus
 from service.db.engine import db_now
 from service.db.models import Job, JobTag
 from service.errors import IdempotencyKeyReused, JobAlreadyFinished, JobNotFound, LeaseLost
@@ -28,25 +28,6 @@ from service.events import record_event
 from xsam.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life."""
-
-    #: Waiting for an agent with enough free capacity (and for its retry backoff to pass); also
-    #: where a running job goes back to when its agent releases it or its lease expires.
-    QUEUED = "queued"
-    #: Claimed by an agent that holds its lease and heartbeats; may have a cancel requested.
-    RUNNING = "running"
-    #: The run finished and its weights are at <artifacts_dir>/job-<id>/model.pt.
-    SUCCEEDED = "succeeded"
-    #: The run failed for good: the agent said so, or its lease expired with no attempts left.
-    FAILED = "failed"
-    #: Cancelled by its owner: at once while queued, or by the agent (or reaper) while running.
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -139,7 +120,7 @@ def enqueue(
         if existing is None:
             raise
         return _same_submission(existing, submission), False
-    record_event(session, job.id, "queued", f"submitted by {owner}", now=now)
+    record_event(session, job.id, EventType.QUEUED, f"submitted by {owner}", now=now)
     return job, True
 
 
@@ -188,7 +169,7 @@ def claim_next(
     now = db_now(session)
     fits = [Job.cpus <= cpus, Job.gpus <= gpus]
     if max_running_gpus_per_owner > 0:
-        running = Job.__table__.alias("running")
+        running = Job.__table__.alias("running_job")
         owner_gpus = (
             select(func.coalesce(func.sum(running.c.gpus), 0))
             .where(
@@ -232,7 +213,7 @@ def claim_next(
     record_event(
         session,
         job.id,
-        "claimed",
+        EventType.CLAIMED,
         f"claimed by agent {agent_id} (attempt {job.attempt} of {job.max_attempts})",
         now=now,
         data={"agent_id": agent_id, "attempt": job.attempt},
@@ -315,7 +296,10 @@ def finish(
         raise ValueError(f"finish status must be terminal, got {status!r}")
     now = db_now(session)
     if status is JobStatus.FAILED and error is None:
-        error = {"type": "failed", "message": "the agent reported a failure without a reason"}
+        error = {
+            "type": JobStatus.FAILED.value,
+            "message": "the agent reported a failure without a reason",
+        }
     result = session.execute(
         update(Job)
         .where(*_under_lease(job_id, lease_token))
@@ -344,7 +328,7 @@ def finish(
     record_event(
         session,
         job_id,
-        status.value,
+        EventType(status),  # a job's finishing event is named by its status
         message,
         now=now,
         data={"attempt": job.attempt, "error": error},
@@ -391,7 +375,7 @@ def release(session: Session, job_id: int, lease_token: str, *, reason: str | No
         record_event(
             session,
             job_id,
-            "cancelled",
+            EventType.CANCELLED,
             f"cancelled (released by its agent: {why})",
             now=now,
             data={"attempt": job.attempt, "reason": reason},
@@ -401,7 +385,7 @@ def release(session: Session, job_id: int, lease_token: str, *, reason: str | No
         record_event(
             session,
             job_id,
-            "released",
+            EventType.RELEASED,
             f"released by its agent: {why}; attempt {released} not counted, queued again",
             now=now,
             data={"attempt": released, "reason": reason},
@@ -426,13 +410,13 @@ def cancel(session: Session, job: Job) -> Job:
     if status is JobStatus.QUEUED:
         locked.status = JobStatus.CANCELLED.value
         locked.finished_at = now
-        record_event(session, locked.id, "cancelled", "cancelled while queued", now=now)
+        record_event(session, locked.id, EventType.CANCELLED, "cancelled while queued", now=now)
     elif not locked.cancel_requested:
         locked.cancel_requested = True
         record_event(
             session,
             locked.id,
-            "cancel_requested",
+            EventType.CANCEL_REQUESTED,
             "cancel requested; the agent will stop the run",
             now=now,
         )
@@ -464,7 +448,7 @@ def requeue_expired(session: Session, policy: LeasePolicy, *, limit: int = 100) 
         if job.cancel_requested:
             job.status = JobStatus.CANCELLED.value
             job.finished_at = now
-            record_event(session, job.id, "cancelled", f"cancelled ({gone})", now=now)
+            record_event(session, job.id, EventType.CANCELLED, f"cancelled ({gone})", now=now)
         elif job.attempt < job.max_attempts:
             job.status = JobStatus.QUEUED.value
             job.agent_id = None
@@ -472,7 +456,7 @@ def requeue_expired(session: Session, policy: LeasePolicy, *, limit: int = 100) 
             record_event(
                 session,
                 job.id,
-                "requeued",
+                EventType.REQUEUED,
                 f"requeued: {gone}; attempt {job.attempt + 1} of {job.max_attempts} "
                 f"not before {job.not_before.isoformat()}",
                 now=now,
@@ -488,7 +472,7 @@ def requeue_expired(session: Session, policy: LeasePolicy, *, limit: int = 100) 
             record_event(
                 session,
                 job.id,
-                "failed",
+                EventType.FAILED,
                 f"failed: lease_expired: {job.error['message']}",
                 now=now,
                 data={"attempt": job.attempt, "error": job.error},

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
+from service.contract import JobStatus
 from service.db.models import Job
 from service.errors import PriorityNotAllowed, QuotaExceeded, RateLimited
 from service.settings import Settings
@@ -85,7 +86,7 @@ def check_queued(session: Session, owner: Principal, settings: Settings) -> None
     queued = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.owner_key == owner.owner_key, Job.status == "queued")
+        .where(Job.owner_key == owner.owner_key, Job.status == JobStatus.QUEUED.value)
     )
     if queued is not None and queued >= settings.max_queued_jobs_per_user:
         raise QuotaExceeded(

@@ -1,4 +1,8 @@
-"""Request and response bodies of REST API v1 (DESIGN.md); field names are the contract."""
+"""Request bodies of REST API v1 (DESIGN.md), and a stored job as its Job body.
+
+The response bodies are the contract's (service/contract/): the client parses into the same
+classes. Field names are the contract.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    model_serializer,
     model_validator,
 )
 
 from service.auth import RESERVED_NAMES
+from service.contract import (
+    ErrorInfo,
+    ErrorPublic,
+    FinishStatus,
+    JobPublic,
+    JobStatus,
+    MetricPoint,
+    Progress,
+    Role,
+    RoleName,
+    ValidationErrorPublic,
+)
 from service.db.models import Job
 from service.storable import find_unstorable
 from xsam.config import TrainConfig
@@ -58,11 +73,6 @@ class _Body(_In):
         return data
 
 
-class ErrorPublic(BaseModel):
-    detail: str
-    code: str
-
-
 # --- jobs -----------------------------------------------------------------------------------
 
 
@@ -76,89 +86,36 @@ class JobCreate(_Body):
     tags: list[Tag] = Field(default_factory=list, max_length=32)
 
 
-class Progress(BaseModel):
-    epoch: int | None = None
-    epochs: int | None = None
-    step: int | None = None
-    steps: int | None = None
-    fraction: float | None = None
-    eta_s: float | None = None
-
-
-class ErrorInfo(BaseModel):
-    type: str = Field(max_length=200)
-    message: str = Field(default="", max_length=20_000)
-    #: The failing rank's full Python traceback, when a rank raised.
-    traceback: str | None = Field(default=None, max_length=200_000)
-
-    @model_serializer(mode="wrap")
-    def _without_absent_traceback(self, handler: Any) -> dict[str, Any]:
-        # Errors that carry no traceback (lease expired, bad config) keep their {type, message}.
-        data = handler(self)
-        if data.get("traceback") is None:
-            data.pop("traceback", None)
-        return data
-
-
-class MetricPoint(BaseModel):
-    step: int
-    value: float
-    epoch: int | None = None
-    time: datetime | None = None
-
-
-class JobPublic(BaseModel):
-    id: int
-    name: str | None
-    owner: str
-    status: str
-    config: dict[str, Any]
-    priority: int
-    attempt: int
-    max_attempts: int
-    tags: list[str]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    progress: Progress | None
-    latest_metrics: dict[str, MetricPoint]
-    error: ErrorInfo | None
-    queue_position: int | None
-    cancel_requested: bool
-    study_id: int | None = None
-    cell: str | None = None
-
-    @classmethod
-    def from_job(
-        cls,
-        job: Job,
-        *,
-        latest_metrics: dict[str, dict[str, Any]] | None = None,
-        queue_position: int | None = None,
-    ) -> JobPublic:
-        return cls(
-            id=job.id,
-            name=job.name,
-            owner=job.owner,
-            status=job.status,
-            config=job.config,
-            priority=job.priority,
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            tags=job.tags,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            progress=progress_of(job),
-            latest_metrics={
-                k: MetricPoint.model_validate(v) for k, v in (latest_metrics or {}).items()
-            },
-            error=ErrorInfo(**job.error) if job.error else None,
-            queue_position=queue_position,
-            cancel_requested=job.cancel_requested,
-            study_id=job.study_id,
-            cell=job.cell,
-        )
+def public_job(
+    job: Job,
+    *,
+    latest_metrics: dict[str, dict[str, Any]] | None = None,
+    queue_position: int | None = None,
+) -> JobPublic:
+    """The Job body of a stored job."""
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        owner=job.owner,
+        status=JobStatus(job.status),
+        config=job.config,
+        priority=job.priority,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        tags=job.tags,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress=progress_of(job),
+        latest_metrics={
+            k: MetricPoint.model_validate(v) for k, v in (latest_metrics or {}).items()
+        },
+        error=ErrorInfo(**job.error) if job.error else None,
+        queue_position=queue_position,
+        cancel_requested=job.cancel_requested,
+        study_id=job.study_id,
+        cell=job.cell,
+    )
 
 
 def progress_of(job: Job) -> Progress | None:
@@ -179,65 +136,6 @@ def progress_of(job: Job) -> Progress | None:
     return p
 
 
-class JobsPublic(BaseModel):
-    items: list[JobPublic]
-    next_cursor: str | None
-
-
-# --- metrics and events ----------------------------------------------------------------------
-
-
-class BucketPoint(MetricPoint):
-    """A downsampled point: `step`/`value` are the bucket's last point."""
-
-    min: float
-    max: float
-    mean: float
-    count: int
-    step_min: int
-    step_max: int
-
-
-class MetricsPublic(BaseModel):
-    job_id: int
-    series: dict[str, list[BucketPoint | MetricPoint]]
-
-
-class LatestMetricsPublic(BaseModel):
-    job_id: int
-    metrics: dict[str, MetricPoint]
-
-
-class EventPublic(BaseModel):
-    id: int
-    time: datetime
-    type: str
-    message: str
-    data: dict[str, Any] | None
-
-
-class EventsPublic(BaseModel):
-    items: list[EventPublic]
-    next_after: int
-
-
-class LogLinePublic(BaseModel):
-    id: int
-    attempt: int
-    rank: int
-    time: datetime
-    stream: str
-    level: str | None
-    text: str
-
-
-class LogsPublic(BaseModel):
-    items: list[LogLinePublic]
-    next_after: int
-    #: Lines of this job the per-job cap has dropped (from the middle: head and tail stay).
-    dropped: int
-
-
 # --- tokens ----------------------------------------------------------------------------------
 
 
@@ -253,28 +151,7 @@ class TokenCreate(_Body):
         Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@-]+$"),
         AfterValidator(_not_reserved),
     ]
-    role: Literal["user", "agent", "admin"] = "user"
-
-
-class TokenPublic(BaseModel):
-    id: int
-    name: str
-    role: str
-    created_at: datetime
-    revoked_at: datetime | None
-
-
-class TokenCreated(BaseModel):
-    id: int
-    name: str
-    role: str
-    token: str
-
-
-class TokensPublic(BaseModel):
-    items: list[TokenPublic]
-    #: Always null: every token fits one page (the field keeps the list shape of the contract).
-    next_cursor: str | None = None
+    role: RoleName = Role.USER
 
 
 # --- agent side ------------------------------------------------------------------------------
@@ -291,26 +168,6 @@ class ClaimRequest(_Body):
     capacity: Capacity
 
 
-class HealthRulesPublic(BaseModel):
-    """The health rules the agent applies to the run's stream (docs/agent.md, "Health rules")."""
-
-    stall_step_multiple: float
-    stall_min_s: float
-    alpha_edge_searches: int
-
-
-class LeasePublic(BaseModel):
-    attempt: int
-    lease_token: str
-    heartbeat_interval_s: float
-    health: HealthRulesPublic
-
-
-class ClaimPublic(BaseModel):
-    job: JobPublic
-    lease: LeasePublic
-
-
 class ProgressIn(_In):
     epoch: int | None = Field(default=None, ge=0, le=MAX_INT)
     epochs: int | None = Field(default=None, ge=0, le=MAX_INT)
@@ -323,13 +180,9 @@ class HeartbeatRequest(_Body):
     progress: ProgressIn | None = None
 
 
-class HeartbeatPublic(BaseModel):
-    cancel_requested: bool
-
-
 class FinishRequest(_Body):
     lease_token: str = Field(max_length=64)
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: FinishStatus
     error: ErrorInfo | None = None
 
 
@@ -379,19 +232,7 @@ class LogsIngest(_Body):
     lines: list[LogLineIn]
 
 
-class IngestPublic(BaseModel):
-    received: int
-    inserted: int
-
-
 # --- error bodies, for the OpenAPI document ---------------------------------------------------
-
-
-class ValidationErrorPublic(BaseModel):
-    """A 422: FastAPI's list of errors, each with the ``loc`` of its field, and a code."""
-
-    detail: list[dict[str, Any]]
-    code: str
 
 
 _ERROR_DESCRIPTIONS = {

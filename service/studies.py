@@ -10,18 +10,25 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Integer, distinct, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from service import queue
+from service.contract import (
+    EventType,
+    JobStatus,
+    StudyCellPublic,
+    StudyCounts,
+    StudyPublic,
+    StudyStatus,
+)
 from service.db.engine import db_now
 from service.db.models import Event, Job, Metric, Study
 from service.errors import JobAlreadyFinished, StudyAlreadyFinished
-from service.queue import JobStatus
 from service.study_expand import expand
-from service.study_schemas import StudyCellPublic, StudyCounts, StudyCreate, StudyPublic
+from service.study_schemas import StudyCreate
 
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -108,11 +115,9 @@ def _public(study: Study, jobs: list[_JobRow]) -> StudyPublic:
         job_ids.setdefault(job.cell or "", []).append(job.id)
     active = counts.queued + counts.running
     finished = [j.finished_at for j in jobs if j.finished_at is not None]
-    status: Literal["running", "finished", "cancelled"] = (
-        "cancelled" if study.cancelled_at is not None else "finished"
-    )
+    status = StudyStatus.CANCELLED if study.cancelled_at is not None else StudyStatus.FINISHED
     if active:
-        status = "running"
+        status = StudyStatus.RUNNING
     return StudyPublic(
         id=study.id,
         name=study.name,
@@ -214,7 +219,7 @@ def alpha_searches(session: Session, job_ids: list[int]) -> dict[int, list[dict[
         return out
     rows = session.execute(
         select(Event.job_id, Event.data)
-        .where(Event.job_id.in_(job_ids), Event.type == "alpha_search")
+        .where(Event.job_id.in_(job_ids), Event.type == EventType.ALPHA_SEARCH.value)
         .order_by(Event.job_id, Event.id)
     )
     for job_id, data in rows:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from scipy import stats as scipy_stats
 
-from service.study_schemas import (
+from service.contract import (
     AlphaStats,
     CurvePoint,
     Pair,

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from service.client import XsamClient
+from service.contract import JobPublic
 
-ROOT = Path(__file__).resolve().parents[2]
-TERMINAL = ("succeeded", "failed", "cancelled")
+ROOT = Path(__file__).resolve().parents[1]  # the repository (this file is tests/ray_support.py)
 #: Short leases so that a killed server's job is requeued within seconds.
 SERVICE_ENV = {
     "XSAM_HEARTBEAT_INTERVAL_S": "1",
@@ -86,20 +86,30 @@ def data_root(tmp_path_factory) -> Path:
 class Serve:
     """One `xsam serve` process (API + agent) joined to the session's Ray cluster."""
 
-    def __init__(self, data_dir: Path, port: int, ray_address: str, data_root: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        ray_address: str,
+        data_root: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir, self.port = data_dir, port
         self.ray_address, self.data_root = ray_address, data_root
+        # Extra `xsam serve` options (e.g. --database-url) and environment, for every start.
+        self.args, self.env = tuple(args), dict(env or {})
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
         self.log = data_dir / "serve.log"
 
     def start(self) -> Serve:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **SERVICE_ENV}
+        env = {**os.environ, **SERVICE_ENV, **self.env}
         cmd = [
-            sys.executable, "-m", "xsam", "serve", "--port", str(self.port),
+            sys.executable, "-m", "cli", "serve", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--ray-address", self.ray_address,
-            "--data-root", str(self.data_root),
+            "--data-root", str(self.data_root), *self.args,
         ]  # fmt: skip
         with self.log.open("ab") as out:
             offset = out.tell()  # a restart appends: look only at this start's lines
@@ -134,7 +144,7 @@ class Serve:
         next start will find it, with no agent to claim anything."""
         assert self.process is None or self.process.poll() is not None
         cmd = [
-            sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(self.port),
+            sys.executable, "-m", "cli", "serve", "--no-agent", "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--log-level", "warning",
         ]  # fmt: skip
         with self.log.open("ab") as out:
@@ -184,9 +194,11 @@ def serve_factory(ray_cluster, data_root, tmp_path_factory):
 
     from worker import local_ray
 
-    def make(name: str) -> Serve:
+    def make(name: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Serve:
         port = local_ray.free_ports(1)[0]
-        serve = Serve(tmp_path_factory.mktemp(name), port, ray_cluster.address, data_root)
+        serve = Serve(
+            tmp_path_factory.mktemp(name), port, ray_cluster.address, data_root, args, env
+        )
         started.append(serve)
         return serve
 
@@ -217,18 +229,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def wait_terminal(api: XsamClient, job_id: int, timeout: float = 240) -> dict:
-    seen: list[str] = []
+def wait_terminal(
+    api: XsamClient, job_id: int, timeout: float = 240, statuses: list[str] | None = None
+) -> JobPublic:
+    """The job once terminal; `statuses` (when given) gets each status it was seen in."""
 
-    def done():
-        job = api.get_job(job_id)
-        if not seen or seen[-1] != job["status"]:
-            seen.append(job["status"])
-        return job if job["status"] in TERMINAL else None
+    def seen(job: JobPublic) -> None:
+        if statuses is not None and (not statuses or statuses[-1] != job.status):
+            statuses.append(job.status)
 
-    job = wait_for(done, timeout, 0.5, f"job {job_id} to end")
-    job["_statuses"] = seen
-    return job
+    return api.wait_for_job(job_id, timeout=timeout, poll_s=0.5, on_poll=seen)
 
 
 @pytest.fixture(name="tiny_config")

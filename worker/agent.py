@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
+from service.contract import EventType, JobPublic, JobStatus, LeasePublic, RunOutcome
 from worker.control import CANCEL, LEASE_LOST, NAMESPACE, SHUTDOWN
 from worker.failures import classify
 from worker.heartbeat import Heartbeats, Lease
@@ -140,10 +141,10 @@ class Agent:
             return False
         if claim is None:
             return False
-        self._start(claim["job"], claim["lease"])
+        self._start(claim.job, claim.lease)
         return True
 
-    def _start(self, job: dict[str, Any], lease: dict[str, Any]) -> None:
+    def _start(self, job: JobPublic, lease: LeasePublic) -> None:
         run = JobRun(job, lease, self.settings.run, pool=self.pool)
         log.info("job %d: claimed (attempt %d)", run.job_id, run.attempt)
         lost = threading.Event()
@@ -156,7 +157,7 @@ class Agent:
             Lease(
                 job_id=run.job_id,
                 lease_token=run.lease_token,
-                interval=float(lease.get("heartbeat_interval_s", 5.0)),
+                interval=lease.heartbeat_interval_s,
                 on_cancel=lambda: run.request_stop(CANCEL),
                 on_lost=on_lost,
                 progress=run.progress,
@@ -178,10 +179,10 @@ class Agent:
                 failure = classify(exc)
                 if failure.retryable:
                     log.exception("job %d: the run could not be started", run.job_id)
-                    result = RunResult("infrastructure", error=failure.as_error())
+                    result = RunResult(RunOutcome.INFRASTRUCTURE, error=failure.as_error())
                 else:
                     log.error("job %d: %s: %s", run.job_id, failure.type, failure.message)
-                    result = RunResult("failed", error=failure.as_error())
+                    result = RunResult(RunOutcome.FAILED, error=failure.as_error())
             if not lost.is_set():
                 self._conclude(run, result, lost)
             else:
@@ -197,31 +198,32 @@ class Agent:
     def _conclude(self, run: JobRun, result: RunResult, lost: threading.Event) -> None:
         """Deliver what rank 0 could not, then finish the job (or leave it to the reaper)."""
         log.info("job %d: run ended: %s %s", run.job_id, result.status, result.stop_reason or "")
-        if result.status == "stopped" and result.stop_reason == LEASE_LOST:
+        if result.status == RunOutcome.STOPPED and result.stop_reason == LEASE_LOST:
             return
         self._deliver(run, result.undelivered, lost)
         if result.stall is not None:  # the stall rule aborted the run (worker/health.py)
-            self._event(run, "stalled", f"stalled: {result.stall.message}; the run was aborted",
+            self._event(run, EventType.STALLED,
+                        f"stalled: {result.stall.message}; the run was aborted",
                         lost, data=result.stall.as_data())  # fmt: skip
-        if result.status == "succeeded":
+        if result.status == RunOutcome.SUCCEEDED:
             self._final_progress(run, result.summary)
-            self._finish(run, "succeeded", None, lost)
-        elif result.status == "failed":
-            self._finish(run, "failed", result.error, lost)
+            self._finish(run, JobStatus.SUCCEEDED, None, lost)
+        elif result.status == RunOutcome.FAILED:
+            self._finish(run, JobStatus.FAILED, result.error, lost)
         elif result.stop_reason == CANCEL or (
-            result.status == "infrastructure" and run.cancel_requested
+            result.status == RunOutcome.INFRASTRUCTURE and run.cancel_requested
         ):
             # Cancelled: stopped at a step, or broken while stopping; a cancel wins either way.
-            self._finish(run, "cancelled", None, lost)
-        elif result.status == "infrastructure" and run.attempt >= run.max_attempts:
-            self._finish(run, "failed", result.error, lost)
-        elif result.status == "stopped" and result.stop_reason == SHUTDOWN:
+            self._finish(run, JobStatus.CANCELLED, None, lost)
+        elif result.status == RunOutcome.INFRASTRUCTURE and run.attempt >= run.max_attempts:
+            self._finish(run, JobStatus.FAILED, result.error, lost)
+        elif result.status == RunOutcome.STOPPED and result.stop_reason == SHUTDOWN:
             self._release(run, lost)
         else:
             # An infrastructure failure with attempts left: stop heartbeating, so the lease
             # expires and the reaper requeues the job (an attempt used); the next one resumes.
             why = result.error["message"] if result.error else f"agent {result.stop_reason}"
-            self._event(run, "attempt_ended", f"attempt {run.attempt} ended: {why}; "
+            self._event(run, EventType.ATTEMPT_ENDED, f"attempt {run.attempt} ended: {why}; "
                         "the job will be requeued when its lease expires", lost)  # fmt: skip
 
     def _deliver(self, run: JobRun, left: dict[str, list] | None, lost: threading.Event) -> None:
@@ -236,7 +238,7 @@ class Agent:
                     return
 
     def _finish(
-        self, run: JobRun, status: str, error: dict[str, str] | None, lost: threading.Event
+        self, run: JobRun, status: JobStatus, error: dict[str, str] | None, lost: threading.Event
     ) -> None:
         if self._retry(
             lambda: self.client.finish(run.job_id, run.lease_token, status, error), lost
@@ -251,14 +253,14 @@ class Agent:
         reason = f"agent {self.settings.agent_id} shut down; the run stopped with a checkpoint"
         # Bounded: an unreachable service must not hold up the shutdown. Its fallback is the old
         # path: the lease expires and the reaper requeues the job (an attempt used).
-        job: dict[str, Any] = {}
+        released: list[JobPublic] = []
         if self._retry(
-            lambda: job.update(self.client.release(run.job_id, run.lease_token, reason)),
+            lambda: released.append(self.client.release(run.job_id, run.lease_token, reason)),
             lost,
             deadline_s=10,
         ):
-            # "queued" (attempt not counted), or "cancelled" if a cancel had been requested.
-            log.info("job %d: released -> %s", run.job_id, job.get("status"))
+            # Queued (attempt not counted), or cancelled if a cancel had been requested.
+            log.info("job %d: released -> %s", run.job_id, released[-1].status)
         elif not lost.is_set():
             log.warning(
                 "job %d: not released; the service requeues it when its lease expires", run.job_id

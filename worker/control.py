@@ -16,6 +16,8 @@ from typing import Any
 
 import ray
 
+from service.contract import RunOutcome
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "xsam"
@@ -55,7 +57,7 @@ class JobControl:
         return self._progress
 
     def set_outcome(self, outcome: dict[str, Any]) -> None:
-        if self._outcome is None or self._outcome.get("status") != "failed":
+        if self._outcome is None or self._outcome.get("status") != RunOutcome.FAILED:
             self._outcome = outcome
 
     def outcome(self) -> dict[str, Any] | None:

@@ -65,6 +65,7 @@ def _causes(exc: BaseException, seen: set[int] | None = None) -> Iterator[BaseEx
 _CPU_ALLOCATOR = re.compile(
     r"CPUAllocator: can't allocate memory|not enough memory: you tried to allocate"
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SHAPE = re.compile(
     r"size mismatch|shapes cannot be multiplied|must match the size of tensor|"
     r"Expected input batch_size|Given groups=\d+, weight of size|Calculated padded input size",
@@ -117,4 +118,8 @@ def classify(exc: BaseException) -> Failure:
     named = [f for f in found if f.type not in ("out_of_memory", "shape_error")]
     if found:
         return (named or found)[0]
-    return Failure(True, "infrastructure_error", _first_line(exc))
+    # Named by what was raised inside Ray (a rank's NotADirectoryError, say), not by Ray's
+    # wrapper, whose own text is only "ray::WarmRank.run() (pid=…, ip=…)" in terminal colours.
+    cause = next((c for c in causes if not type(c).__module__.startswith("ray")), exc)
+    first_line = (_ANSI.sub("", str(cause)).strip().splitlines() or [type(cause).__name__])[0]
+    return Failure(True, "infrastructure_error", f"{type(cause).__name__}: {first_line}"[:2000])

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from service.contract import EventType
+
 #: How many recent per-step times the median is taken over.
 STEP_TIMES_KEPT = 64
 
@@ -166,7 +168,7 @@ class AlphaEdgeRule:
         )
         return {
             "kind": "event",
-            "type": "warning",
+            "type": EventType.WARNING.value,
             "message": f"α pinned at {where} for {self._count} consecutive α searches "
             f"(since step {self._since_step})",
             "data": {

@@ -94,7 +94,7 @@ class Heartbeats:
             lease.due = time.monotonic() + min(1.0, lease.interval)
             return
         lease.due = time.monotonic() + lease.interval
-        if reply.get("cancel_requested") and not lease.cancel_seen:
+        if reply.cancel_requested and not lease.cancel_seen:
             lease.cancel_seen = True
             log.info("job %d: cancel requested", lease.job_id)
             lease.on_cancel()

@@ -19,7 +19,9 @@ from typing import Any
 
 import ray
 
+from service.contract import RUN_OUTCOME_OF_FIT, EventType, RunOutcome
 from worker.control import LEASE_LOST, NAMESPACE, StopFlag
+from xsam.records import FitRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def _train(
     from xsam.training import fit
 
     previous = ray.get(control.outcome.remote())
-    if previous is not None and previous.get("status") == "failed":
+    if previous is not None and previous.get("status") == RunOutcome.FAILED:
         return None  # a restarted group after a failure that no retry can fix: do nothing
 
     reporter: Reporter | None = None
@@ -126,9 +128,9 @@ def _train(
         alpha_max = spec["config"].get("optimizer", {}).get("alpha_max")
         watched = watch_alpha(reporter, AlphaEdgeRule(health.alpha_edge_searches, alpha_max))
 
-        def report(record: dict[str, Any]) -> None:
+        def report(record: FitRecord) -> None:
             watched(record)
-            if record.get("type") == "epoch_done":
+            if record.get("type") == EventType.EPOCH_DONE:
                 persist()
 
     try:
@@ -159,7 +161,8 @@ def _train(
         shipper.flush(FINAL_FLUSH_S)
         left = reporter.close(FINAL_FLUSH_S) if reporter is not None else None
         error = {**failure.as_error(), "traceback": text}
-        ray.get(control.set_outcome.remote({"status": "failed", "error": error, "rank": rank,
+        ray.get(control.set_outcome.remote({"status": RunOutcome.FAILED, "error": error,
+                                             "rank": rank,
                                             "undelivered": left}))  # fmt: skip
         return None
     except BaseException:
@@ -172,7 +175,7 @@ def _train(
         return None
     left = reporter.close(FINAL_FLUSH_S)
     outcome = {
-        "status": summary["status"],  # "completed" or "stopped"
+        "status": RUN_OUTCOME_OF_FIT[summary["status"]],
         "stop_reason": stop.reason,
         "summary": {k: v for k, v in summary.items() if k != "metrics"},
         "metrics": summary.get("metrics", {}),

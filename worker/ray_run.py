@@ -34,6 +34,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from service.contract import EventType, JobPublic, LeasePublic, RunOutcome
 from worker.control import ABORT, CANCEL, LEASE_LOST, NAMESPACE, JobControl, control_name
 from worker.failures import Failure, classify
 from worker.health import HealthSettings, Stall, StallRule
@@ -64,11 +65,11 @@ class RunSettings:
 class RunResult:
     """How the attempt ended, from the agent's point of view.
 
-    ``status``: ``succeeded``, ``failed`` (not retryable), ``stopped`` (cancel, shutdown or
-    lease lost: see ``stop_reason``) or ``infrastructure`` (retryable: Ray gave up).
+    ``status``: succeeded, failed (not retryable), stopped (cancel, shutdown or lease lost: see
+    ``stop_reason``) or infrastructure (retryable: Ray gave up).
     """
 
-    status: str
+    status: RunOutcome
     stop_reason: str | None = None
     error: dict[str, str] | None = None
     undelivered: dict[str, list[dict[str, Any]]] | None = None
@@ -108,16 +109,16 @@ class JobRun:
 
     def __init__(
         self,
-        job: dict[str, Any],
-        lease: dict[str, Any],
+        job: JobPublic,
+        lease: LeasePublic,
         settings: RunSettings,
         pool: WarmPool | None = None,
     ) -> None:
-        self.job_id = int(job["id"])
-        self.attempt = int(lease["attempt"])
-        self.lease_token = str(lease["lease_token"])
-        self.max_attempts = int(job.get("max_attempts") or 1)
-        self.config = TrainConfig.model_validate(job["config"])
+        self.job_id = job.id
+        self.attempt = lease.attempt
+        self.lease_token = lease.lease_token
+        self.max_attempts = job.max_attempts or 1
+        self.config = TrainConfig.model_validate(job.config)
         self.settings = settings
         self.cpus = self.config.resources.total_cpus
         self.gpus = self.config.resources.total_gpus
@@ -135,7 +136,7 @@ class JobRun:
         self._stop_reason: str | None = None
         self.started = time.monotonic()
         #: The health rules' numbers, from the service with the lease (worker/health.py).
-        self.health = HealthSettings.from_lease(lease)
+        self.health = HealthSettings.from_lease(lease.model_dump())
         self._stall_rule = StallRule(self.health.stall_step_multiple, self.health.stall_min_s)
         self.stall: Stall | None = None
 
@@ -298,8 +299,8 @@ class JobRun:
         assert self.stall is not None
         log.warning("job %d: stalled: %s; aborting the run", self.job_id, self.stall.message)
         self.abort()
-        error = {"type": "stalled", "message": self.stall.message}
-        return RunResult("infrastructure", error=error, stall=self.stall)
+        error = {"type": EventType.STALLED.value, "message": self.stall.message}
+        return RunResult(RunOutcome.INFRASTRUCTURE, error=error, stall=self.stall)
 
     def _result(self, outcome: dict[str, Any] | None) -> RunResult:
         if outcome is None:
@@ -311,19 +312,21 @@ class JobRun:
             )
             error = {**failure.as_error(), **self._traceback()}
             if not failure.retryable:
-                return RunResult("failed", error=error)
+                return RunResult(RunOutcome.FAILED, error=error)
             if self._stop_reason:
-                return RunResult("stopped", stop_reason=self._stop_reason)
-            return RunResult("infrastructure", error=error)
+                return RunResult(RunOutcome.STOPPED, stop_reason=self._stop_reason)
+            return RunResult(RunOutcome.INFRASTRUCTURE, error=error)
         undelivered = outcome.get("undelivered")
-        if outcome["status"] == "failed":
-            return RunResult("failed", error=outcome["error"], undelivered=undelivered)
-        if outcome["status"] == "completed":
+        if outcome["status"] == RunOutcome.FAILED:
+            return RunResult(RunOutcome.FAILED, error=outcome["error"], undelivered=undelivered)
+        if outcome["status"] == RunOutcome.SUCCEEDED:
             self._write_config()
-            return RunResult("succeeded", undelivered=undelivered, summary=outcome["summary"])
+            return RunResult(
+                RunOutcome.SUCCEEDED, undelivered=undelivered, summary=outcome["summary"]
+            )
         # A stop nobody asked for comes from the reporter's own 409: the lease is gone.
         reason = outcome.get("stop_reason") or self._stop_reason or LEASE_LOST
-        return RunResult("stopped", stop_reason=reason, undelivered=undelivered)
+        return RunResult(RunOutcome.STOPPED, stop_reason=reason, undelivered=undelivered)
 
     def _traceback(self) -> dict[str, str]:
         """``{"traceback": <the failing rank's>}`` when a rank raised, else ``{}``."""

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable, XsamClient
+from service.contract import EventType
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +132,18 @@ class Reporter:
                     event["key"] = f"{record['type']}:{self.key_prefix}:{self._unkeyed}"
                 self._events.append(event)
                 self._track_progress(record)
-        if record.get("type") == "epoch_done":
+        if record.get("type") == EventType.EPOCH_DONE:
             self._wake.set()  # every epoch end is sent at once
 
     def _track_progress(self, record: dict[str, Any]) -> None:
         data = record.get("data") or {}
-        if record["type"] == "started":
+        if record["type"] == EventType.STARTED:
             self._progress.update(
                 epochs=int(data.get("epochs", 0)),
                 steps=int(data.get("total_steps", 0)),
                 step=int(data.get("start_step", 0)),
             )
-        elif record["type"] == "epoch_done":
+        elif record["type"] == EventType.EPOCH_DONE:
             self._progress.update(epoch=int(data.get("epoch", 0)), step=int(data.get("step", 0)))
 
     @property

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from service.contract import EventType
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,7 @@ def record_environment(client: Any, job_id: int, lease_token: str, attempt: int,
         env = describe(rank, attempt)
         message = (f"rank {rank} on {env['host']}: python {env['python']}, torch {env['torch']}"
                    + (f", CUDA {env['cuda']}, {env['gpus']}× {env['gpu']}" if env["gpu"] else ""))  # fmt: skip
-        event = {"type": "environment", "message": message, "data": env,
+        event = {"type": EventType.ENVIRONMENT, "message": message, "data": env,
                  "key": f"environment:{attempt}:{rank}"}  # fmt: skip
         client.ingest_events(job_id, lease_token, [event])
     except Exception:

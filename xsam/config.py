@@ -5,8 +5,10 @@ torch installed. Defaults are the paper's CIFAR settings (../shared/XSAM.md): SG
 momentum 0.9, weight decay 1e-3, batch 125, cosine schedule over 200 epochs, ρ = 0.15,
 ρ_max = 2ρ, α grid 0:0.1:2.0, k = 1, α searched on the first minibatch of every epoch.
 
-Every validation error names its field (pydantic's ``loc``); `describe_errors` renders them as
-``"optimizer.rho: must be >= 0 (got -1.0)"`` lines for the CLI and the API.
+Every validation error names its field (pydantic's ``loc``, completed by `locate_error` for
+cross-field checks); `describe_errors` renders them as ``"optimizer.rho: must be >= 0 (got
+-1.0)"`` lines for the CLI and the API. A file that cannot be used raises
+`xsam.errors.ConfigurationError`, the one error type for a configuration that cannot run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -23,9 +26,10 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
+
+from xsam.errors import ConfigurationError
 
 #: Names the model registry (xsam/models.py) must provide; a test keeps the two in step.
 MODEL_NAMES = ("resnet18", "resnet50", "vgg11_bn", "wrn16_8", "mlp", "cnn1d", "densenet121")
@@ -75,22 +79,89 @@ def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
 JSONObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
 
 
-def _count(v: int, *, low: int = 1, when: str = "") -> int:
-    """`v` if it is in [`low`, `MAX_COUNT`]."""
-    if v < low:
-        raise ValueError(f"must be >= {low}{when} (got {v})")
-    if v > MAX_COUNT:
-        raise ValueError(f"must be <= {MAX_COUNT}{when} (got {v})")
+def _shown(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _at_least(low: float, *, strict: bool = False, cap: float) -> AfterValidator:
+    """A number above `low` (or at it unless `strict`), finite, and at most `cap`: a ceiling far
+    beyond any sensible run that keeps the arithmetic on it finite and storable."""
+
+    def check(v: float) -> float:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number (got {v})")
+        if v < low or (strict and v == low):
+            raise ValueError(f"must be {'>' if strict else '>='} {_shown(low)} (got {v})")
+        if v > cap:
+            raise ValueError(f"must be <= {_shown(cap)} (got {v})")
+        return v
+
+    return AfterValidator(check)
+
+
+def _within(low: float, high: float, *, open_high: bool = False, shown: str = "") -> AfterValidator:
+    """A number in [`low`, `high`] (or [`low`, `high`) when `open_high`); NaN never is."""
+    interval = shown or f"[{_shown(low)}, {_shown(high)}{')' if open_high else ']'}"
+
+    def check(v: float) -> float:
+        if not (low <= v and (v < high if open_high else v <= high)):  # NaN fails too
+            raise ValueError(f"must be in {interval} (got {v})")
+        return v
+
+    return AfterValidator(check)
+
+
+def _one_of(names: tuple[str, ...], what: str) -> AfterValidator:
+    def check(v: str) -> str:
+        if v not in names:
+            raise ValueError(f"unknown {what} {v!r}; known: {', '.join(names)}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _relative_root(v: str) -> str:
+    if "\\" in v:
+        raise ValueError("must use '/' separators")
+    path = PurePosixPath(v)
+    if path.is_absolute() or v.startswith("~"):
+        raise ValueError(f"must be relative to the data root, got absolute path {v!r}")
+    if ".." in path.parts:
+        raise ValueError(f"must not contain '..', got {v!r}")
     return v
 
 
-def _real(v: float, *, low: float, low_open: bool) -> float:
-    """`v` if finite, above `low` (or at it, unless `low_open`) and at most `MAX_REAL`."""
-    below = v <= low if low_open else v < low
-    if not math.isfinite(v) or below or v > MAX_REAL:
-        bound = "> " if low_open else ">= "
-        raise ValueError(f"must be a finite number {bound}{low:g} and <= {MAX_REAL:g} (got {v})")
+def _alpha_setting(v: float | str) -> float | str:
+    if isinstance(v, float | int) and (not math.isfinite(v) or v < 0):
+        raise ValueError(f'must be "dynamic" or a number >= 0 (got {v})')
     return v
+
+
+def _search_schedule(v: str | int) -> str | int:
+    if isinstance(v, int) and not 1 <= v <= MAX_COUNT:
+        raise ValueError(f'must be "epoch" or a step count in [1, {MAX_COUNT}] (got {v})')
+    return v
+
+
+# One type per constraint; each error message says what the value must be and what it was.
+#: Sizes and counts: batch size, samples, step intervals.
+Count = Annotated[int, _at_least(1, cap=MAX_COUNT)]
+NonNegativeCount = Annotated[int, _at_least(0, cap=MAX_COUNT)]
+#: Real-valued settings that must be positive (learning rate, α grid, CPUs) or may be zero.
+PositiveReal = Annotated[float, _at_least(0, strict=True, cap=MAX_REAL)]
+NonNegativeReal = Annotated[float, _at_least(0, cap=MAX_REAL)]
+#: A share in [0, 1): momentum, label noise, the validation split.
+Fraction = Annotated[float, _within(0, 1, open_high=True)]
+AscentSteps = Annotated[int, _within(1, 100)]
+Epochs = Annotated[int, _within(1, MAX_EPOCHS)]
+Workers = Annotated[int, _within(1, 1024)]
+Seed = Annotated[int, _within(0, 2**63, open_high=True, shown="[0, 2**63)")]
+ModelName = Annotated[str, _one_of(MODEL_NAMES, "model")]
+DatasetName = Annotated[str, _one_of(DATASET_NAMES, "data set")]
+DataRoot = Annotated[str, AfterValidator(_relative_root)]
+#: The whole union is checked at once, so an error names the field, not a branch of it.
+AlphaSetting = Annotated[float | Literal["dynamic"], AfterValidator(_alpha_setting)]
+SearchSchedule = Annotated[Literal["epoch"] | int, AfterValidator(_search_schedule)]
 
 
 class _Strict(BaseModel):
@@ -100,17 +171,10 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which network to train. Its input shape and class count come from the data set."""
 
-    name: str = Field(description=f"one of {', '.join(MODEL_NAMES)}")
+    name: ModelName = Field(description=f"one of {', '.join(MODEL_NAMES)}")
     options: JSONObject = Field(
         default_factory=dict, description="model-specific keyword arguments (e.g. width, depth)"
     )
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(MODEL_NAMES)}")
-        return v
 
     @model_validator(mode="after")
     def _declared_options(self) -> ModelConfig:
@@ -125,24 +189,24 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """Which data set, where it lies (relative to the data root), and how it is batched."""
 
-    name: str = Field(description=f"one of {', '.join(DATASET_NAMES)}")
-    root: str = Field(
+    name: DatasetName = Field(description=f"one of {', '.join(DATASET_NAMES)}")
+    root: DataRoot = Field(
         default="",
         description="directory relative to the data root (no absolute paths, no '..')",
     )
-    batch_size: int = Field(default=125, description="per-step global batch size")
+    batch_size: Count = Field(default=125, description="per-step global batch size")
     augment: bool = Field(
         default=True, description="crop+flip+Cutout(p=0.5) for 32×32 images; ignored otherwise"
     )
-    num_train: int | None = Field(default=None, description="train on the first N samples only")
-    label_noise: float = Field(
+    num_train: Count | None = Field(default=None, description="train on the first N samples only")
+    label_noise: Fraction = Field(
         default=0.0,
         description="fraction of training labels swapped for another class, fixed by the seed",
     )
     options: JSONObject = Field(
         default_factory=dict, description="data-set-specific options (e.g. synthetic shape)"
     )
-    val_fraction: float = Field(
+    val_fraction: Fraction = Field(
         default=0.0,
         description="share of the training set held out as the validation set (val/acc); "
         "0 = none. Choose hyperparameters on val/acc; test/acc is only reported",
@@ -152,13 +216,6 @@ class DataConfig(_Strict):
         description="which samples are held out (the same for every seed, rank and retry)",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASET_NAMES:
-            raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_NAMES)}")
-        return v
-
     @model_validator(mode="after")
     def _declared_options(self) -> DataConfig:
         from xsam.option_specs import DATASET_OPTIONS, option_problems
@@ -167,42 +224,6 @@ class DataConfig(_Strict):
         if problems:
             raise ValueError(f"options: {'; '.join(problems)}")
         return self
-
-    @field_validator("label_noise")
-    @classmethod
-    def _label_noise(cls, v: float) -> float:
-        if not 0 <= v < 1:  # NaN fails this too
-            raise ValueError(f"must be in [0, 1) (got {v})")
-        return v
-
-    @field_validator("root")
-    @classmethod
-    def _relative_root(cls, v: str) -> str:
-        if "\\" in v:
-            raise ValueError("must use '/' separators")
-        path = PurePosixPath(v)
-        if path.is_absolute() or v.startswith("~"):
-            raise ValueError(f"must be relative to the data root, got absolute path {v!r}")
-        if ".." in path.parts:
-            raise ValueError(f"must not contain '..', got {v!r}")
-        return v
-
-    @field_validator("val_fraction")
-    @classmethod
-    def _val_fraction(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1) (got {v})")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        return _count(v)
-
-    @field_validator("num_train")
-    @classmethod
-    def _num_train(cls, v: int | None) -> int | None:
-        return None if v is None else _count(v, when=" when given")
 
 
 class OptimizerConfig(_Strict):
@@ -214,72 +235,19 @@ class OptimizerConfig(_Strict):
     """
 
     name: Literal["sgd", "sgd+", "sam", "xsam"] = "xsam"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
+    lr: PositiveReal = 0.05
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeReal = 1e-3
     nesterov: bool = False
-    rho: float = 0.15
-    steps: int = Field(default=1, description="ascent steps k")
-    alpha: float | Literal["dynamic"] = "dynamic"
+    rho: NonNegativeReal = 0.15
+    steps: AscentSteps = Field(default=1, description="ascent steps k")
+    alpha: AlphaSetting = "dynamic"
     rho_max: float | None = Field(default=None, description="probing radius; default 2·rho")
-    alpha_max: float = 2.0
-    alpha_delta: float = 0.1
-    search_every: Literal["epoch"] | int = Field(
+    alpha_max: PositiveReal = 2.0
+    alpha_delta: PositiveReal = 0.1
+    search_every: SearchSchedule = Field(
         default="epoch", description='"epoch" (first minibatch of each epoch) or a step count'
     )
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        return _real(v, low=0, low_open=True)
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"must be in [0, 1) (got {v})")
-        return v
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _wd(cls, v: float) -> float:
-        return _real(v, low=0, low_open=False)
-
-    @field_validator("rho")
-    @classmethod
-    def _rho(cls, v: float) -> float:
-        return _real(v, low=0, low_open=False)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if not 1 <= v <= 100:
-            raise ValueError(f"must be in [1, 100] (got {v})")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float | str) -> float | str:
-        if isinstance(v, float | int) and (not math.isfinite(v) or v < 0):
-            raise ValueError(f'must be "dynamic" or a number >= 0 (got {v})')
-        return v
-
-    @field_validator("alpha_max")
-    @classmethod
-    def _alpha_max(cls, v: float) -> float:
-        return _real(v, low=0, low_open=True)
-
-    @field_validator("alpha_delta")
-    @classmethod
-    def _alpha_delta(cls, v: float) -> float:
-        return _real(v, low=0, low_open=True)
-
-    @field_validator("search_every")
-    @classmethod
-    def _search_every(cls, v: str | int) -> str | int:
-        if isinstance(v, int) and not 1 <= v <= MAX_COUNT:
-            raise ValueError(f'must be "epoch" or a step count in [1, {MAX_COUNT}] (got {v})')
-        return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> OptimizerConfig:
@@ -334,23 +302,9 @@ class ScheduleConfig(_Strict):
     epochs; ``constant`` keeps it. ``warmup_epochs`` ramps linearly from lr/warmup first.
     """
 
-    epochs: int = 200
+    epochs: Epochs = 200
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: int = 0
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs(cls, v: int) -> int:
-        if not 1 <= v <= MAX_EPOCHS:
-            raise ValueError(f"must be in [1, {MAX_EPOCHS}] (got {v})")
-        return v
-
-    @field_validator("warmup_epochs")
-    @classmethod
-    def _warmup(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0 (got {v})")
-        return v
+    warmup_epochs: NonNegativeCount = 0
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> ScheduleConfig:
@@ -364,21 +318,9 @@ class ScheduleConfig(_Strict):
 class ResourcesConfig(_Strict):
     """What one run asks of the cluster: DDP ranks, and per rank a GPU and CPUs."""
 
-    num_workers: int = Field(default=1, description="DDP ranks (Ray Train workers)")
+    num_workers: Workers = Field(default=1, description="DDP ranks (Ray Train workers)")
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        if not 1 <= v <= 1024:
-            raise ValueError(f"must be in [1, 1024] (got {v})")
-        return v
-
-    @field_validator("cpus_per_worker")
-    @classmethod
-    def _cpus(cls, v: float) -> float:
-        return _real(v, low=0, low_open=True)
+    cpus_per_worker: PositiveReal = 1.0
 
     @property
     def total_cpus(self) -> float:
@@ -397,10 +339,10 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    seed: int = 0
+    seed: Seed = 0
     precision: Literal["fp32", "bf16"] = "fp32"
-    eval_every: int = Field(default=1, description="evaluate on the test split every N epochs")
-    log_every: int = Field(
+    eval_every: Count = Field(default=1, description="evaluate on the test split every N epochs")
+    log_every: Count = Field(
         default=10,
         description="read the train statistics back, report them and poll for stop/divergence "
         "every N steps",
@@ -419,18 +361,6 @@ class TrainConfig(_Strict):
         description="capture each non-search training step in a CUDA graph and replay it "
         "(one GPU, no DDP, not with compile_model)",
     )
-
-    @field_validator("eval_every", "log_every")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        return _count(v)
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        if not 0 <= v < 2**63:
-            raise ValueError(f"must be in [0, 2**63) (got {v})")
-        return v
 
     @model_validator(mode="after")
     def _cuda_graphs_supported(self) -> TrainConfig:
@@ -465,44 +395,60 @@ class TrainConfig(_Strict):
         return self
 
 
+#: A check that spans fields names the one it is about at the start of its message.
+_FIELD_IN_MESSAGE = re.compile(r"([a-z_]+): (.*)", re.S)
+
+
+def locate_error(loc: Sequence[str | int], msg: str) -> tuple[tuple[str | int, ...], str]:
+    """Where one pydantic error is and why: (``loc`` + the field it names, reason).
+
+    A field's own check is located by pydantic (``loc`` ends with the field). A cross-field
+    check runs on the model, so its ``loc`` stops at the model and its message starts with the
+    field: ``"rho_max: must be >= rho …"`` at ``("optimizer",)`` is
+    ``(("optimizer", "rho_max"), "must be >= rho …")``. Used by `describe_errors`, by the API's
+    422 handler and by the CLI, so all three point at the same field.
+    """
+    reason = msg.removeprefix("Value error, ")
+    named = _FIELD_IN_MESSAGE.match(reason)
+    if named is None:
+        return tuple(loc), reason
+    field = named[1]
+    where = tuple(loc) if loc and loc[-1] == field else (*loc, field)
+    return where, named[2]
+
+
 def describe_errors(error: ValidationError) -> list[str]:
     """One ``"field.path: reason"`` line per problem, for people rather than parsers."""
     lines = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"])
-        msg = item["msg"].removeprefix("Value error, ")
-        # A cross-field check names its field at the start of its message ("rho_max: …").
-        field = re.match(r"([a-z_]+): (.*)", msg, re.S)
-        if field:
-            loc = f"{loc}.{field[1]}" if loc else field[1]
-            msg = field[2]
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        where, reason = locate_error(item["loc"], item["msg"])
+        path = ".".join(str(p) for p in where)
+        lines.append(f"{path}: {reason}" if path else reason)
     return lines
 
 
-class ConfigError(ValueError):
-    """The configuration file cannot be read or is not a valid TrainConfig."""
-
-
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a TrainConfig from a JSON or YAML file (chosen by extension; YAML otherwise)."""
+    """Read a TrainConfig from a JSON or YAML file (chosen by extension; YAML otherwise).
+
+    Raises `ConfigurationError` (a ValueError) with the file and every problem, field by field.
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
     import yaml
 
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ConfigError(f"{path}: not valid {kind}: {exc}") from exc
+        raise ConfigurationError(f"{path}: not valid {kind}: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigurationError(f"{path}: expected a mapping at the top level")
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
+        raise ConfigurationError(
             f"{path}: invalid config:\n  " + "\n  ".join(describe_errors(exc))
         ) from exc

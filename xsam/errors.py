@@ -15,8 +15,13 @@ class XsamError(Exception):
     code = "training_error"
 
 
-class ConfigurationError(XsamError):
-    """The run's configuration cannot be used (e.g. options a model does not accept)."""
+class ConfigurationError(XsamError, ValueError):
+    """The run's configuration cannot be used (e.g. options a model does not accept).
+
+    The one error type for a bad configuration: `xsam.config.load_config` raises it for a file
+    that cannot be read or validated, and training raises it for what only shows at run time.
+    A ValueError too, as a bad value is.
+    """
 
     code = "invalid_config"
 

@@ -8,9 +8,11 @@ implementation deliberately differs from the authors' reference code.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,34 @@ from xsam.nonfinite import zero_unless_finite_
 __all__ = ["XSAM"]
 
 #: ``closure(backward=True) -> loss``: zero the grads, forward on the step's minibatch and, when
-#: ``backward`` is true, backward; return the loss.
+#: ``backward`` is true, backward; return the loss. A plain SAM-style ``closure() -> loss`` that
+#: always calls ``loss.backward()`` works too, except for an α search (forward-only probes).
 Closure = Callable[..., Any]
+
+#: XSAM's settings as keys of every param group (constructor argument -> key). The groups are the
+#: base optimizer's own dicts, where torch's optimizers already use ``rho`` (Adadelta), ``alpha``
+#: (RMSprop, ASGD), ``eps`` (Adam and most others) and ``foreach`` for their own settings: hence
+#: the prefix. All of them are global (one flat parameter vector), so every group holds the same.
+GROUP_KEYS = {
+    name: f"xsam_{name}"
+    for name in ("rho", "steps", "alpha", "rho_max", "alpha_max", "alpha_delta", "eps", "foreach")
+}
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """XSAM's settings for one step, read from the param groups and checked."""
+
+    rho: float
+    steps: int
+    alpha: float | Literal["dynamic"]
+    rho_max: float
+    alpha_max: float
+    alpha_delta: float
+    eps: float
+    foreach: bool
+    probes: int
 
 
 class XSAM(Optimizer):
@@ -91,8 +119,17 @@ class XSAM(Optimizer):
         foreach (bool, optional): use the ``torch._foreach_*`` implementation (default: None,
             which means True); False runs the plain per-tensor loop.
 
+    Every argument but ``model`` is only a default: the settings live in each param group as
+    ``xsam_rho``, ``xsam_steps``, ``xsam_alpha``, ``xsam_rho_max``, ``xsam_alpha_max``,
+    ``xsam_alpha_delta``, ``xsam_eps`` and ``xsam_foreach`` (``GROUP_KEYS``; prefixed because
+    the groups are the base optimizer's dicts, where e.g. Adam keeps its own ``eps``), are read
+    at every step and travel in ``state_dict()``. They are global, so a group whose value
+    differs from the others' is refused with ``ValueError`` (as is a bare ``rho`` etc. that the
+    base optimizer does not read); ``lr``, ``momentum``, ``weight_decay`` are the base
+    optimizer's and act per group.
+
     Attributes:
-        alpha (float): the α in use.
+        alpha (float): the α in use (read-only: the fixed ``xsam_alpha``, or the latest search's).
         alpha_grid (list[float]): the probed α values.
         steps_taken (int): completed XSAM steps.
         last_search_step (int or None): the step (counted like ``steps_taken``, from 1) that
@@ -107,7 +144,8 @@ class XSAM(Optimizer):
 
     ``step(closure, search_alpha=False)`` calls ``closure(backward=True)`` k + 1 times (grad
     enabled) and, when it searches, ``closure(backward=False)`` once per probe under
-    ``torch.no_grad()``, and returns the loss at θ₀. For SAM-style two-pass loops there are
+    ``torch.no_grad()``, and returns the loss at θ₀. A plain SAM-style ``closure()`` (no
+    ``backward`` argument) is called as it is when no search runs; a search refuses it. For SAM-style two-pass loops there are
     ``first_step()`` (one ascent step from the current ``.grad``; call it k times, with a
     forward+backward after each) and ``second_step()``.
 
@@ -136,8 +174,9 @@ class XSAM(Optimizer):
         - DDP: the probe losses are averaged over ranks before the argmax, so every rank
           applies the same update; with DDP-averaged gradients, N ranks then equal one
           process on the global batch (BatchNorm aside).
-        - Checkpoints: ``state_dict()`` holds the base optimizer's state (momentum) plus α,
-          ``steps_taken`` and ``last_search_step``, and no parameter-sized scratch buffers.
+        - Checkpoints: ``state_dict()`` holds the base optimizer's state (momentum) and
+          param groups (with XSAM's settings) plus α, ``steps_taken`` and
+          ``last_search_step``, and no parameter-sized scratch buffers.
         - Search schedule: the caller decides when to search (``search_alpha``), e.g. on the
           first minibatch of each epoch or every N steps; ``last_search_step`` survives a
           resume so that a mid-epoch resume neither skips nor repeats a search.
@@ -167,46 +206,35 @@ class XSAM(Optimizer):
         model: nn.Module | None = None,
         foreach: bool | None = None,
     ) -> None:
-        if not _is_number(rho) or not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"rho: must be a finite number >= 0 (got {rho!r})")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: must be an integer >= 1 (got {steps!r})")
-        if not _is_number(alpha_max) or not math.isfinite(alpha_max) or alpha_max <= 0:
-            raise ValueError(f"alpha_max: must be a finite number > 0 (got {alpha_max!r})")
-        if not _is_number(alpha_delta) or not math.isfinite(alpha_delta) or alpha_delta <= 0:
-            raise ValueError(f"alpha_delta: must be a finite number > 0 (got {alpha_delta!r})")
-        probes = alpha_probe_count(alpha_max, alpha_delta)
-        if probes > MAX_ALPHA_PROBES:
-            raise ValueError(
-                f"alpha_delta: alpha_max/alpha_delta gives {probes} α probes, at most "
-                f"{MAX_ALPHA_PROBES} allowed (got alpha_delta={alpha_delta!r})"
-            )
-        if alpha != "dynamic" and (
-            not _is_number(alpha) or not math.isfinite(alpha) or not 0 <= alpha <= alpha_max
-        ):
-            raise ValueError(
-                f'alpha: must be "dynamic" or a number in [0, alpha_max={alpha_max}] '
-                f"(got {alpha!r})"
-            )
-        if rho_max is None:
-            rho_max = 2 * rho
-        elif not _is_number(rho_max) or not math.isfinite(rho_max) or rho_max < rho:
-            raise ValueError(f"rho_max: must be a finite number >= rho={rho} (got {rho_max!r})")
-        if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps: must be a finite number > 0 (got {eps!r})")
+        arguments = dict(
+            rho=rho,
+            steps=steps,
+            alpha=alpha,
+            rho_max=rho_max,
+            alpha_max=alpha_max,
+            alpha_delta=alpha_delta,
+            eps=eps,
+            foreach=foreach,
+        )
+        _validated(arguments, lambda name: name)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model: must be an nn.Module or None (got {type(model).__name__})")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"foreach: must be a bool or None (got {foreach!r})")
 
-        params = list(params)
+        # Lists, not generators: the groups' params are read more than once below.
+        items: list[Any] = [
+            {**item, "params": _as_list(item["params"])} if isinstance(item, dict) else item
+            for item in params
+        ]
+        # Which keys each given group sets itself (the rest are filled from the defaults).
+        groups_given = bool(items) and isinstance(items[0], dict)
+        explicit = [set(item) - {"params"} for item in items] if groups_given else [set()]
         _refuse_narrow_dtypes(
-            p for item in params for p in (item["params"] if isinstance(item, dict) else [item])
+            p for item in items for p in (item["params"] if isinstance(item, dict) else [item])
         )
         if isinstance(base_optimizer, Optimizer):
             base = base_optimizer
         elif callable(base_optimizer):
-            base = base_optimizer(params)
+            base = base_optimizer(items)
             if not isinstance(base, Optimizer):
                 raise ValueError(
                     f"base_optimizer: the callable must return a torch.optim.Optimizer "
@@ -218,18 +246,19 @@ class XSAM(Optimizer):
                 f"(got {type(base_optimizer).__name__})"
             )
 
-        defaults = dict(
+        # Stored as given, only made floats; rho_max None means 2·rho and foreach None True.
+        arguments.update(
             rho=float(rho),
-            steps=steps,
             alpha=alpha if alpha == "dynamic" else float(alpha),
-            rho_max=float(rho_max),
+            rho_max=None if rho_max is None else float(rho_max),
             alpha_max=float(alpha_max),
             alpha_delta=float(alpha_delta),
             eps=float(eps),
-            foreach=foreach,
         )
-        super().__init__(params, defaults)  # normalises `params`; the groups are replaced below
-        own = {id(p) for group in self.param_groups for p in group["params"]}
+        defaults = {GROUP_KEYS[name]: value for name, value in arguments.items()}
+        super().__init__(items, defaults)  # normalises `params`; the groups are replaced below
+        given = self.param_groups
+        own = {id(p) for group in given for p in group["params"]}
         shared = {id(p) for group in base.param_groups for p in group["params"]}
         if own != shared:
             raise ValueError(
@@ -239,14 +268,19 @@ class XSAM(Optimizer):
             )
         self.base_optimizer = base
         self._share_base_state()
+        _refuse_bare_names(given, base)
+        _refuse_bare_names(self.param_groups, base)
+        _carry_given_values(given, explicit, self.param_groups)
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
 
-        self.alpha = 1.0 if alpha == "dynamic" else float(alpha)
-        self.alpha_grid = [round(i * alpha_delta, 12) for i in range(probes)]
         self.steps_taken = 0
         self.last_search_step: int | None = None
         self.last_stats: dict[str, Any] = {}
+        self._searched_alpha = 1.0  # α of a "dynamic" setting until the first search
+        self._settings()  # every group's values are valid and the same
 
-        self._foreach = True if foreach is None else foreach
         self._norm_layers = (
             [m for m in model.modules() if isinstance(m, _NormBase)] if model is not None else []
         )
@@ -261,29 +295,45 @@ class XSAM(Optimizer):
         self._ascents = 0  # ascent steps taken in the step in progress
         self._grad_norm: Tensor | None = None
 
+    @property
+    def alpha(self) -> float:
+        """The α in use: the fixed one, or for ``"dynamic"`` the latest search's (1.0 before)."""
+        return self._alpha_in_use(self._settings())
+
+    @property
+    def alpha_grid(self) -> list[float]:
+        """The probed α values 0, Δα, …, α_max."""
+        return _grid(self._settings())
+
     # -- the public steps ------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, search_alpha: bool = False) -> Any:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, search_alpha: bool = False) -> Any:
         """One XSAM step on the closure's minibatch; returns the loss at θ₀.
 
         ``closure(backward=True)`` zeroes the grads, runs the forward and, when ``backward``,
-        the backward, and returns the loss. With ``search_alpha`` (dynamic α only) the α grid
-        is probed first; otherwise the flag is ignored.
+        the backward, and returns the loss. A plain ``closure()`` that always runs the
+        backward (as for SAM) works too, unless an α search runs. With ``search_alpha``
+        (dynamic α only) the α grid is probed first; otherwise the flag is ignored.
         """
         if closure is None:
             raise ValueError(
                 "closure: XSAM.step needs closure(backward=True) -> loss; without one, use "
                 "first_step() and second_step()"
             )
+        settings = self._settings()
+        search = search_alpha and settings.alpha == "dynamic"
+        if search:
+            _require_probe_closure(closure)
+        passes = _training_pass(closure)
         try:
             with torch.enable_grad():
-                clean = closure(backward=True)
+                clean = passes()
             perturbed = clean
-            for _ in range(self.defaults["steps"]):
+            for _ in range(settings.steps):
                 self.first_step()
                 with torch.enable_grad():
-                    perturbed = closure(backward=True)
+                    perturbed = passes()
             self.second_step(closure=closure, search_alpha=search_alpha)
         except BaseException:
             self._abandon_step()
@@ -299,7 +349,8 @@ class XSAM(Optimizer):
         Call it ``steps`` times, each followed by a forward+backward on the same minibatch,
         then ``second_step()``.
         """
-        k, rho, eps = self.defaults["steps"], self.defaults["rho"], self.defaults["eps"]
+        settings = self._settings()
+        k, rho, eps = settings.steps, settings.rho, settings.eps
         if self._ascents >= k:
             raise RuntimeError(
                 f"first_step: already called {k} time(s) (steps={k}); call second_step() next"
@@ -310,11 +361,11 @@ class XSAM(Optimizer):
             self._snapshot_norm_stats()
         elif len(params) != len(self._active):
             raise RuntimeError("first_step: the parameters with a gradient changed mid-step")
-        norm = _global_norm(grads, self._dtype, self._foreach)
+        norm = _global_norm(grads, self._dtype, settings.foreach)
         if self._ascents == 0:
             self._grad_norm = norm
         scale = (rho / k) / (norm + eps)
-        ascend = _multi_tensor_ascend if self._foreach else _single_tensor_ascend
+        ascend = _multi_tensor_ascend if settings.foreach else _single_tensor_ascend
         ascend(params, grads, self._theta0, self._disp, scale, self._ascents == 0)
         self._ascents += 1
         if zero_grad:
@@ -333,11 +384,13 @@ class XSAM(Optimizer):
         With ``search_alpha`` (dynamic α only) α is searched first, which needs ``closure``
         for the forward-only probes.
         """
-        d = self.defaults
-        k, eps = d["steps"], d["eps"]
-        search = search_alpha and d["alpha"] == "dynamic"
-        if search and closure is None:
-            raise ValueError("closure: second_step(search_alpha=True) needs a closure to probe")
+        settings = self._settings()
+        k, eps = settings.steps, settings.eps
+        search = search_alpha and settings.alpha == "dynamic"
+        if search:
+            if closure is None:
+                raise ValueError("closure: second_step(search_alpha=True) needs a closure to probe")
+            _require_probe_closure(closure)
         if self._ascents != k:
             raise RuntimeError(
                 f"second_step: call first_step() {k} time(s) first (called {self._ascents})"
@@ -345,7 +398,7 @@ class XSAM(Optimizer):
         params, grads = self._params_with_grad()
         if len(params) != len(self._active):
             raise RuntimeError("second_step: the parameters with a gradient changed mid-step")
-        theta0, disp, fe = self._theta0, self._disp, self._foreach
+        theta0, disp, fe = self._theta0, self._disp, settings.foreach
 
         # The plane. Everything is scaled by a = ‖θ_k − θ₀‖ + ε, so that θ_k − θ₀ = a·v₀ needs
         # no pass of its own: grads ← a·v₁, params ← a(v₀ − v₁), disp ← a(v₀ + v₁).
@@ -358,12 +411,15 @@ class XSAM(Optimizer):
         degenerate = (torch.sin(phi) <= tol) | (disp_norm <= eps)
 
         probe_losses = None
-        if search:
-            probe_losses = self._search(closure, params, grads, disp, theta0, phi, degenerate, a)
+        if search and closure is not None:  # (closure is never None here; see above)
+            probe_losses = self._search(
+                settings, closure, params, grads, disp, theta0, phi, degenerate, a
+            )
             self.last_search_step = self.steps_taken + 1
 
         # d = s·u(α) = (s/a)·[(c₁ − c₀)·a·v₁ + c₀·a(v₀ + v₁)], written into .grad
-        c0, c1 = _slerp_coefficients(phi, self.alpha, degenerate)
+        alpha = self._alpha_in_use(settings)
+        c0, c1 = _slerp_coefficients(phi, alpha, degenerate)
         s_over_a = s / a
         (_multi_tensor_direction if fe else _single_tensor_direction)(
             grads, disp, s_over_a * (c1 - c0), s_over_a * c0
@@ -380,7 +436,7 @@ class XSAM(Optimizer):
 
         self.last_stats = {
             "phi": phi,
-            "alpha": self.alpha,
+            "alpha": alpha,
             "grad_norm": self._grad_norm,
             "ascent_grad_norm": s,
             "finite": finite,
@@ -388,7 +444,7 @@ class XSAM(Optimizer):
             "perturbed_loss": None,
         }
         if probe_losses is not None:
-            self.last_stats["probe_alphas"] = list(self.alpha_grid)
+            self.last_stats["probe_alphas"] = _grid(settings)
             self.last_stats["probe_losses"] = probe_losses
         if zero_grad:
             self.zero_grad()
@@ -396,7 +452,10 @@ class XSAM(Optimizer):
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``"xsam"`` entry with α and the counters."""
+        """The base optimizer's state dict plus an ``"xsam"`` entry with α and the counters.
+
+        XSAM's settings are in its ``param_groups`` (``xsam_rho``, …), like the base's ``lr``.
+        """
         state = self.base_optimizer.state_dict()
         state["xsam"] = {
             "alpha": self.alpha,
@@ -406,15 +465,22 @@ class XSAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what `state_dict` wrote. A fixed α stays the configured one."""
+        """Load what `state_dict` wrote: the settings in its groups, α and the counters.
+
+        Groups saved without XSAM's settings (checkpoints older than them) keep the current
+        ones. Invalid or differing settings are refused before anything is loaded.
+        """
         state_dict = dict(state_dict)
         saved = state_dict.pop("xsam", None)
         if not isinstance(saved, dict):
             raise ValueError("state_dict: not an XSAM state dict (no 'xsam' entry)")
+        current = {key: self.param_groups[0][key] for key in GROUP_KEYS.values()}
+        groups = [current | dict(group) for group in state_dict.get("param_groups", [])]
+        _common_settings(groups)
+        state_dict["param_groups"] = groups
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()  # the base rebinds its groups and state on load
-        if self.defaults["alpha"] == "dynamic":
-            self.alpha = float(saved["alpha"])
+        self._searched_alpha = float(saved["alpha"])
         self.steps_taken = int(saved["steps_taken"])
         last = saved["last_search_step"]
         self.last_search_step = None if last is None else int(last)
@@ -422,15 +488,26 @@ class XSAM(Optimizer):
         self._active = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (and so to XSAM); XSAM's settings as the others'."""
         base = self.__dict__.get("base_optimizer")
         if base is None:  # Optimizer.__init__ building XSAM's own (soon replaced) groups
             super().add_param_group(param_group)
-        else:
-            base.add_param_group(param_group)  # the groups are shared, so XSAM sees it too
+            return
+        _refuse_bare_names([param_group], base)
+        current = {key: self.param_groups[0][key] for key in GROUP_KEYS.values()}
+        _common_settings([current, current | param_group])  # before the base holds it
+        base.add_param_group(current | param_group)  # the groups are shared: XSAM sees it too
 
     def _share_base_state(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+    def _settings(self) -> _Settings:
+        """XSAM's settings from the param groups; refused when invalid or not the same in all."""
+        return _common_settings(self.param_groups)
+
+    def _alpha_in_use(self, settings: _Settings) -> float:
+        return self._searched_alpha if settings.alpha == "dynamic" else settings.alpha
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -460,6 +537,7 @@ class XSAM(Optimizer):
 
     def _search(
         self,
+        settings: _Settings,
         closure: Closure,
         params: list[Tensor],
         grads: list[Tensor],
@@ -471,12 +549,13 @@ class XSAM(Optimizer):
     ) -> list[float] | None:
         if degenerate.item():  # every u(α) is v₁: nothing to choose between, keep α
             return None
-        grid = torch.tensor(self.alpha_grid, dtype=phi.dtype, device=phi.device)
+        alphas = _grid(settings)
+        grid = torch.tensor(alphas, dtype=phi.dtype, device=phi.device)
         c0, c1 = _slerp_coefficients(phi, grid, degenerate)
-        scale = self.defaults["rho_max"] / a
+        scale = settings.rho_max / a
         # One host sync for all probe coefficients: θ₀ + ρ_max·u = θ₀ + x·(a v₁) + y·a(v₀ + v₁).
         xs, ys = ((c1 - c0) * scale).tolist(), (c0 * scale).tolist()
-        place = _multi_tensor_place if self._foreach else _single_tensor_place
+        place = _multi_tensor_place if settings.foreach else _single_tensor_place
         # .grad holds a·v₁: detach it so that a probe's zero_grad() cannot clear it.
         for p in params:
             p.grad = None
@@ -500,7 +579,7 @@ class XSAM(Optimizer):
             if not math.isnan(value) and (best is None or value > values[best]):
                 best = i
         if best is not None:
-            self.alpha = self.alpha_grid[best]
+            self._searched_alpha = alphas[best]
         return values
 
     def _snapshot_norm_stats(self) -> None:
@@ -532,6 +611,160 @@ class XSAM(Optimizer):
             self._restore_norm_stats()
         self._ascents = 0
         self._active = []
+
+
+# -- settings and closures ---------------------------------------------------------------------
+
+
+def _validated(values: Mapping[str, Any], label: Callable[[str], str]) -> _Settings:
+    """`values` (by argument name) checked; `label(name)` starts each error message."""
+    rho, steps, alpha = values["rho"], values["steps"], values["alpha"]
+    rho_max, alpha_max, alpha_delta = values["rho_max"], values["alpha_max"], values["alpha_delta"]
+    eps, foreach = values["eps"], values["foreach"]
+    if not _is_number(rho) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"{label('rho')}: must be a finite number >= 0 (got {rho!r})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{label('steps')}: must be an integer >= 1 (got {steps!r})")
+    if not _is_number(alpha_max) or not math.isfinite(alpha_max) or alpha_max <= 0:
+        raise ValueError(f"{label('alpha_max')}: must be a finite number > 0 (got {alpha_max!r})")
+    if not _is_number(alpha_delta) or not math.isfinite(alpha_delta) or alpha_delta <= 0:
+        raise ValueError(
+            f"{label('alpha_delta')}: must be a finite number > 0 (got {alpha_delta!r})"
+        )
+    probes = alpha_probe_count(alpha_max, alpha_delta)
+    if probes > MAX_ALPHA_PROBES:
+        raise ValueError(
+            f"{label('alpha_delta')}: alpha_max/alpha_delta gives {probes} α probes, at most "
+            f"{MAX_ALPHA_PROBES} allowed (got alpha_delta={alpha_delta!r})"
+        )
+    if alpha != "dynamic" and (
+        not _is_number(alpha) or not math.isfinite(alpha) or not 0 <= alpha <= alpha_max
+    ):
+        raise ValueError(
+            f'{label("alpha")}: must be "dynamic" or a number in [0, alpha_max={alpha_max}] '
+            f"(got {alpha!r})"
+        )
+    if rho_max is None:
+        rho_max = 2 * rho
+    elif not _is_number(rho_max) or not math.isfinite(rho_max) or rho_max < rho:
+        raise ValueError(
+            f"{label('rho_max')}: must be a finite number >= rho={rho} (got {rho_max!r})"
+        )
+    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{label('eps')}: must be a finite number > 0 (got {eps!r})")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"{label('foreach')}: must be a bool or None (got {foreach!r})")
+    return _Settings(
+        rho=float(rho),
+        steps=steps,
+        alpha="dynamic" if alpha == "dynamic" else float(alpha),
+        rho_max=float(rho_max),
+        alpha_max=float(alpha_max),
+        alpha_delta=float(alpha_delta),
+        eps=float(eps),
+        foreach=True if foreach is None else foreach,
+        probes=probes,
+    )
+
+
+def _common_settings(groups: list[dict[str, Any]]) -> _Settings:
+    """The settings every group holds; ValueError when one is invalid or differs between groups.
+
+    XSAM's geometry is global (norms, φ and α over one flat vector of all parameters), so a
+    per-group value could only be ignored or refused: it is refused.
+    """
+    if not groups:
+        raise ValueError("param_groups: XSAM has no parameter group")
+    for key in GROUP_KEYS.values():
+        for i, group in enumerate(groups):
+            value = group.get(key, _MISSING)
+            if value is _MISSING:
+                raise ValueError(f"{key}: missing from param group {i}")
+            if i and not _same(value, groups[0][key]):
+                raise ValueError(
+                    f"{key}: must be the same in every param group, as XSAM's geometry is "
+                    f"global (one flat vector over all parameters); group 0 has "
+                    f"{groups[0][key]!r}, group {i} has {value!r}"
+                )
+    return _validated(
+        {name: groups[0][key] for name, key in GROUP_KEYS.items()}, lambda name: GROUP_KEYS[name]
+    )
+
+
+def _grid(settings: _Settings) -> list[float]:
+    return [round(i * settings.alpha_delta, 12) for i in range(settings.probes)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):  # e.g. a tensor lr
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and bool(torch.equal(a, b))
+    return bool(a == b)
+
+
+def _refuse_bare_names(groups: Iterable[Mapping[str, Any]], base: Optimizer) -> None:
+    """A group key such as ``rho`` that the base optimizer does not read would be ignored."""
+    for i, group in enumerate(groups):
+        for name, key in GROUP_KEYS.items():
+            if name in group and name not in base.defaults:
+                raise ValueError(
+                    f"{name}: param group {i} sets {name!r}, which {type(base).__name__} does "
+                    f"not read; XSAM's setting in a param group is {key!r}"
+                )
+
+
+def _carry_given_values(
+    given: list[dict[str, Any]], explicit: list[set[str]], shared: list[dict[str, Any]]
+) -> None:
+    """Put what the groups given to XSAM set into the base optimizer's groups, or refuse.
+
+    With a base optimizer built by the caller, XSAM's own groups are dropped for the base's; a
+    value set there (an ``lr``, an ``xsam_rho``) must reach the base's groups, not vanish.
+    """
+    for i, (group, keys) in enumerate(zip(given, explicit, strict=True)):
+        mine = {id(p) for p in group["params"]}
+        for j, other in enumerate(shared):
+            if other is group or not mine & {id(p) for p in other["params"]}:
+                continue
+            for key in sorted(keys):
+                if key not in other:
+                    other[key] = group[key]
+                elif not _same(other[key], group[key]):
+                    raise ValueError(
+                        f"{key}: param group {i} given to XSAM sets {group[key]!r}, but the "
+                        f"base optimizer's group {j} (same parameters) has {other[key]!r}; "
+                        "set it in one place"
+                    )
+
+
+def _as_list(params: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def _takes_backward(closure: Closure) -> bool:
+    try:
+        parameters = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it plainly
+        return False
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        (p.name == "backward" and p.kind in keyword) or p.kind == inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _training_pass(closure: Closure) -> Callable[[], Any]:
+    """A forward+backward with `closure`: ``closure(backward=True)``, or a plain ``closure()``."""
+    return functools.partial(closure, backward=True) if _takes_backward(closure) else closure
+
+
+def _require_probe_closure(closure: Closure) -> None:
+    if not _takes_backward(closure):
+        raise ValueError(
+            "closure: the α search (search_alpha=True with alpha='dynamic') evaluates the loss "
+            "forward-only at each probe, so it needs closure(backward=True) -> loss that skips "
+            "loss.backward() when called with backward=False; this closure takes no "
+            "'backward' argument. Add one, or pass search_alpha=False (or a fixed alpha)"
+        )
 
 
 # -- vector math: a foreach path and a plain per-tensor path that does the same ----------------
@@ -645,7 +878,8 @@ def _copy_each(dst: list[Tensor], src: list[Tensor]) -> None:
 
 
 def _global_norm(tensors: list[Tensor], dtype: torch.dtype, foreach: bool) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack(_norms(tensors, dtype, foreach)))
+    norm: Tensor = torch.linalg.vector_norm(torch.stack(_norms(tensors, dtype, foreach)))
+    return norm
 
 
 def _global_norm_pair(

@@ -57,6 +57,7 @@ from xsam.evaluation import (
 )
 from xsam.models import build_model
 from xsam.nonfinite import all_finite, zero_unless_finite_
+from xsam.records import FitEvent, FitOutcome, FitRecord, FitSummary
 from xsam.schedules import build_scheduler
 from xsam.step_stats import StepStats
 
@@ -64,7 +65,7 @@ __all__ = ["evaluate", "fit", "load_trained"]
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[FitRecord], None]
 
 
 @releases_ddp  # before the caller destroys the process group, even when fit raises
@@ -79,7 +80,7 @@ def fit(
     device: torch.device | str | None = None,
     on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,
     weights_out: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+) -> FitSummary:
     """Train ``config``; return the summary (see docs/internals.md)."""
     started = time.perf_counter()
     distributed = dist.is_available() and dist.is_initialized()
@@ -90,11 +91,11 @@ def fit(
     # Collectives carry tiny flag tensors; gloo wants them on the CPU, NCCL on the GPU.
     comm = device if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def emit(record: dict[str, Any]) -> None:
+    def emit(record: FitRecord) -> None:
         if main and report is not None:
             report(record)
 
-    def event(type_: str, message: str, data: dict | None = None, key: str | None = None):
+    def event(type_: FitEvent, message: str, data: dict | None = None, key: str | None = None):
         emit({"kind": "event", "type": type_, "message": message, "data": data or {}, "key": key})
 
     def metrics(step: int, epoch: int, values: dict[str, float]) -> None:
@@ -157,7 +158,7 @@ def fit(
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
 
     event(
-        "started",
+        FitEvent.STARTED,
         f"training {config.model.name} on {config.data.name} with {arm}"
         + (f", resumed at epoch {epoch0 + 1} step {step}" if ckpt else ""),
         {
@@ -203,7 +204,7 @@ def fit(
         path = atomic_save(state, checkpoint_path(checkpoint_dir))
         info = {"epoch": epochs_done, "step": step, "position": list(position)}
         event(
-            "checkpoint",
+            FitEvent.CHECKPOINT,
             f"checkpoint at step {step}",
             {"path": str(path), **info},
             key=f"checkpoint:{step}",
@@ -214,7 +215,7 @@ def fit(
     # --- the loop ---------------------------------------------------------------------------
     generator = torch.Generator(device=device)
     stats = StepStats(device)
-    status = "completed"
+    status = FitOutcome.COMPLETED
     requested = False  # this rank was asked to stop; acted on at the next read
     for epoch in range(epoch0, epochs):
         net.train()
@@ -288,7 +289,7 @@ def fit(
                 metrics(step, epochs_done, val)
                 data_event.update(val)
             event(
-                "epoch_done",
+                FitEvent.EPOCH_DONE,
                 f"epoch {epochs_done}/{epochs} done",
                 data_event,
                 key=f"epoch_done:{epochs_done}",
@@ -297,13 +298,13 @@ def fit(
         elif stop:
             save_checkpoint((epoch, done))
         if stop and not (done == spe and epochs_done == epochs):
-            status = "stopped"
-            event("stopped", f"stopped at step {step}", {"step": step, "epoch": epoch + 1})
+            status = FitOutcome.STOPPED
+            event(FitEvent.STOPPED, f"stopped at step {step}", {"step": step, "epoch": epoch + 1})
             break
 
     if graphed is not None:
         log.info("CUDA graphs: steps by kind %s", graphed.counts)
-    summary = {
+    summary: FitSummary = {
         "status": status,
         "epochs_completed": epochs_done,
         "steps": step,
@@ -311,10 +312,10 @@ def fit(
         "fit_seconds": time.perf_counter() - started,
         "alpha": float(opt.alpha) if arm != "sgd" else None,
     }
-    if weights_out is not None and main and status == "completed":
+    if weights_out is not None and main and status is FitOutcome.COMPLETED:
         atomic_save(weights_file(model, config, data, final), weights_out)
-    if status == "completed":
-        event("finished", f"finished after {step} steps", dict(summary), key="finished")
+    if status is FitOutcome.COMPLETED:
+        event(FitEvent.FINISHED, f"finished after {step} steps", dict(summary), key="finished")
     return summary
 
 
@@ -449,7 +450,7 @@ def _report_search(opt, step, epoch, distributed, world, comm, event, metrics) -
     # become null.
     losses = [v if math.isfinite(v) else None for v in map(float, stats.get("probe_losses", []))]
     event(
-        "alpha_search",
+        FitEvent.ALPHA_SEARCH,
         f"α = {alpha:g} at step {step}",
         {"step": step, "epoch": epoch, "alpha": alpha, "alphas": alphas, "losses": losses},
         key=f"alpha_search:{step}",
@@ -463,7 +464,7 @@ def _report_search(opt, step, epoch, distributed, world, comm, event, metrics) -
         ranks = [float(t) for t in every]
         consistent = max(ranks) == min(ranks)
         event(
-            "alpha_check",
+            FitEvent.ALPHA_CHECK,
             f"α agrees on {world} ranks" if consistent else "α differs by rank",
             {"step": step, "alphas": ranks, "consistent": consistent},
             key=f"alpha_check:{step}",

@@ -40,8 +40,10 @@ def make_engine(
 ) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and immediate write transactions."""
     if not is_sqlite(url):
-        # No pre-ping: it is a round trip per request. A connection the server dropped fails
-        # one request (503), and SQLAlchemy then discards the pool's older connections.
+        # No pre-ping: it is a round trip per request. A connection the server dropped (a
+        # PostgreSQL restart) fails one request (503; the agent retries heartbeats and ingest),
+        # and SQLAlchemy then discards the pool's older connections
+        # (tests/faults/test_postgres_restart.py, test_restarts_database.py).
         return create_engine(
             url,
             pool_size=pool_size,

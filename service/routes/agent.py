@@ -12,23 +12,24 @@ from sqlalchemy import select
 
 from service import events as event_log
 from service import job_logs, metric_ingest_pg, metric_series, queue
+from service.contract import (
+    ClaimPublic,
+    HealthRulesPublic,
+    HeartbeatPublic,
+    IngestPublic,
+    JobPublic,
+    LeasePublic,
+)
 from service.db.engine import db_now
 from service.db.models import Job
 from service.deps import AgentDep, SessionDep, StateDep
 from service.errors import PayloadTooLarge
-from service.queue import JobStatus
 from service.routes.jobs import JobId, job_public
 from service.schemas import (
-    ClaimPublic,
     ClaimRequest,
     EventsIngest,
     FinishRequest,
-    HealthRulesPublic,
-    HeartbeatPublic,
     HeartbeatRequest,
-    IngestPublic,
-    JobPublic,
-    LeasePublic,
     LogsIngest,
     MetricsIngest,
     ReleaseRequest,
@@ -97,7 +98,7 @@ def finish(job_id: JobId, body: FinishRequest, session: SessionDep, agent: Agent
             session,
             job_id,
             body.lease_token,
-            JobStatus(body.status),
+            body.status,
             error=body.error.model_dump(exclude_none=True) if body.error else None,
         )
         return job_public(session, job)

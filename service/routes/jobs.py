@@ -15,25 +15,22 @@ from sqlalchemy.orm import Session, lazyload
 from service import events as event_log
 from service import job_logs, metric_series, queue, quotas
 from service.auth import Principal
-from service.db.models import Job, JobTag
-from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
-from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
-from service.job_reads import job_json, jobs_public, select_jobs
-from service.queue import JobStatus
-from service.schemas import (
-    MAX_BIGINT,
-    TAG_PATTERN,
+from service.contract import (
     EventPublic,
     EventsPublic,
-    JobCreate,
     JobPublic,
     JobsPublic,
+    JobStatus,
     LatestMetricsPublic,
     LogLinePublic,
     LogsPublic,
     MetricsPublic,
-    error_responses,
 )
+from service.db.models import Job, JobTag
+from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
+from service.errors import ArtifactNotFound, InvalidCursor, JobNotFound
+from service.job_reads import job_json, jobs_public, select_jobs
+from service.schemas import MAX_BIGINT, TAG_PATTERN, JobCreate, error_responses, public_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 503))
 
@@ -60,7 +57,7 @@ def visible_jobs(principal: Principal) -> list[ColumnElement[bool]]:
 
 
 def job_public(session: Session, job: Job) -> JobPublic:
-    return JobPublic.from_job(
+    return public_job(
         job,
         latest_metrics=metric_series.latest(session, [job.id])[job.id],
         queue_position=queue.queue_position(session, job),

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service import quotas, study_stats
 from service import studies as store
 from service.auth import Principal
+from service.contract import StudiesPublic, StudyCurves, StudyPublic, StudySummary
 from service.db.models import Job, Study
 from service.deps import OwnerDep, ReadSessionDep, SessionDep, SettingsDep, StateDep
 from service.errors import JobNotFound, StudyNotFound
@@ -23,13 +24,7 @@ from service.routes.jobs import (
     visible_jobs,
 )
 from service.schemas import MAX_BIGINT, error_responses
-from service.study_schemas import (
-    StudiesPublic,
-    StudyCreate,
-    StudyCurves,
-    StudyPublic,
-    StudySummary,
-)
+from service.study_schemas import StudyCreate
 
 router = APIRouter(
     prefix="/v1/studies",

@@ -7,19 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from sqlalchemy import select
 
-from service.auth import Role, create_token
+from service.auth import create_token
+from service.contract import Role, TokenCreated, TokenPublic, TokensPublic
 from service.db.engine import db_now
 from service.db.models import Token
 from service.deps import AdminDep, ReadSessionDep, SessionDep, StateDep
 from service.errors import TokenNameTaken, TokenNotFound
-from service.schemas import (
-    MAX_BIGINT,
-    TokenCreate,
-    TokenCreated,
-    TokenPublic,
-    TokensPublic,
-    error_responses,
-)
+from service.schemas import MAX_BIGINT, TokenCreate, error_responses
 
 router = APIRouter(
     prefix="/v1/tokens", tags=["tokens"], responses=error_responses(400, 401, 403, 413, 503)
@@ -30,7 +24,7 @@ def _public(token: Token) -> TokenPublic:
     return TokenPublic(
         id=token.id,
         name=token.name,
-        role=token.role,
+        role=Role(token.role),
         created_at=token.created_at,
         revoked_at=token.revoked_at,
     )
@@ -49,7 +43,7 @@ def create(body: TokenCreate, session: SessionDep, admin: AdminDep) -> TokenCrea
         if session.scalars(held).first() is not None:
             raise TokenNameTaken(f"an active token is already named {body.name!r}")
         token, secret = create_token(session, body.name, Role(body.role))
-        return TokenCreated(id=token.id, name=token.name, role=token.role, token=secret)
+        return TokenCreated(id=token.id, name=token.name, role=Role(token.role), token=secret)
 
 
 @router.get("", response_model=TokensPublic)

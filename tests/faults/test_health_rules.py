@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from fault_support import events
 
 from worker.health import AlphaEdgeRule, HealthSettings, StallRule, watch_alpha
 
@@ -178,16 +179,6 @@ def test_real_training_with_alpha_pinned_at_alpha_max_reports_one_warning(data_r
 # --- a stalled run, end to end -----------------------------------------------------------
 
 
-def _all_events(api, job_id: int) -> list[dict]:
-    items, after = [], 0
-    while True:
-        page = api.events(job_id, after=after)
-        items += page["items"]
-        if not page["items"] or page.get("next_after") in (None, after):
-            return items
-        after = page["next_after"]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)  # 3.5 min at load 14-21 on the 2-core machine (serve start included)
@@ -205,40 +196,39 @@ def test_a_stopped_rank_is_a_stalled_run_restarted_as_attempt_2(
         job = api.submit(tiny_config(schedule__epochs=epochs), name="stalls", max_attempts=3)
 
         def past_epoch_2():
-            progress = api.get_job(job["id"])["progress"] or {}
-            return (progress.get("epoch") or 0) >= 2
+            progress = api.get_job(job.id).progress
+            return progress is not None and (progress.epoch or 0) >= 2
 
         wait_for(past_epoch_2, 240, 0.3, "two epochs (a checkpoint)")
         # This job's rank, by the pid its run environment reports (as tests/worker/test_e2e.py
         # finds a rank to kill); stopped, it neither steps nor dies: only the rule can tell.
-        envs = api.events(job["id"], type="environment")["items"]
-        pid = next(e["data"]["pid"] for e in envs if e["data"]["attempt"] == 1)
+        envs = api.events(job.id, type="environment").items
+        pid = next(e.data["pid"] for e in envs if e.data and e.data["attempt"] == 1)
         assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"), pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            done = wait_terminal(api, job["id"])
+            done = wait_terminal(api, job.id)
         finally:
             # The agent's abort kills it through Ray; never leave a stopped process behind.
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
                     os.kill(pid, signal.SIGKILL)
-        assert done["status"] == "succeeded" and done["attempt"] == 2, done
+        assert done.status == "succeeded" and done.attempt == 2, done
 
-        events = _all_events(api, job["id"])
-        stalled = [e for e in events if e["type"] == "stalled"]
+        all_events = events(api, job.id)
+        stalled = [e for e in all_events if e.type == "stalled"]
         assert len(stalled) == 1, stalled
-        data = stalled[0]["data"]
-        assert data["attempt"] == 1 and data["limit_s"] >= 15
+        data = stalled[0].data
+        assert data is not None and data["attempt"] == 1 and data["limit_s"] >= 15
         assert data["silent_s"] > data["limit_s"] and data["step"] >= 2 * 12
-        assert "no new step" in stalled[0]["message"]
-        types = [e["type"] for e in events]
+        assert "no new step" in stalled[0].message
+        types = [e.type for e in all_events]
         # The aborted attempt is requeued by the service (an attempt counted) and resumes.
         assert types.index("stalled") < types.index("requeued"), types
-        starts = [e["message"] for e in events if e["type"] == "started"]
+        starts = [e.message for e in all_events if e.type == "started"]
         assert len(starts) == 2 and "resumed" in starts[1], starts
-        assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
-            range(1, epochs + 1)
-        )
-        steps = [p["step"] for p in api.metrics(job["id"])["series"]["train/loss"]]
+        epochs_done = [e.data["epoch"] for e in all_events if e.type == "epoch_done" and e.data]
+        assert epochs_done == list(range(1, epochs + 1))
+        steps = [p.step for p in api.metrics(job.id).series["train/loss"]]
         assert steps == list(range(2, epochs * 12 + 1, 2))
     server.stop()

@@ -254,7 +254,7 @@ def serve_subprocess(data_dir: Path, database_url: str, port: int, **env: str) -
     environ.update(env)
     return subprocess.Popen(
         [
-            sys.executable, "-m", "xsam", "serve", "--no-agent", "--port", str(port),
+            sys.executable, "-m", "cli", "serve", "--no-agent", "--port", str(port),
             "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",
         ],
         env=environ,

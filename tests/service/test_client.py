@@ -22,51 +22,52 @@ from service.client import (
     XsamClient,
     default_server_and_token,
 )
+from service.contract import HeartbeatPublic
 
 
 def test_a_job_from_submit_to_download(live_server, settings, tmp_path):
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    user = XsamClient(live_server.url, admin.create_token("alice", "user")["token"])
-    agent = XsamClient(live_server.url, admin.create_token("gpu-box", "agent")["token"])
+    user = XsamClient(live_server.url, admin.create_token("alice", "user").token)
+    agent = XsamClient(live_server.url, admin.create_token("gpu-box", "agent").token)
 
     job = user.submit(CONFIG, name="digits", tags=["t"], idempotency_key="k1")
-    assert user.submit(CONFIG, name="digits", tags=["t"], idempotency_key="k1")["id"] == job["id"]
+    assert user.submit(CONFIG, name="digits", tags=["t"], idempotency_key="k1").id == job.id
     with pytest.raises(Conflict):  # the same key with another body
         user.submit(CONFIG, idempotency_key="k1")
-    assert user.list_jobs(tag="t")["items"][0]["id"] == job["id"]
+    assert user.list_jobs(tag="t").items[0].id == job.id
 
     claimed = agent.claim("gpu-box", cpus=4, gpus=0)
-    assert claimed is not None and claimed["job"]["id"] == job["id"]
-    lease = claimed["lease"]["lease_token"]
+    assert claimed is not None and claimed.job.id == job.id
+    lease = claimed.lease.lease_token
     assert agent.claim("gpu-box", cpus=4, gpus=0) is None
-    assert agent.heartbeat(job["id"], lease, {"epoch": 1, "epochs": 2}) == {
-        "cancel_requested": False
-    }
+    assert agent.heartbeat(job.id, lease, {"epoch": 1, "epochs": 2}) == HeartbeatPublic(
+        cancel_requested=False
+    )
     points = [{"name": "loss", "step": s, "value": 2.0 / s} for s in range(1, 11)]
-    assert agent.ingest_metrics(job["id"], lease, points)["inserted"] == 10
-    agent.ingest_events(job["id"], lease, [{"type": "epoch_done", "message": "1", "key": "e:1"}])
-    weights = settings.artifacts_path / f"job-{job['id']}" / "model.pt"
+    assert agent.ingest_metrics(job.id, lease, points).inserted == 10
+    agent.ingest_events(job.id, lease, [{"type": "epoch_done", "message": "1", "key": "e:1"}])
+    weights = settings.artifacts_path / f"job-{job.id}" / "model.pt"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"w" * 100_000)
-    assert agent.finish(job["id"], lease, "succeeded")["status"] == "succeeded"
+    assert agent.finish(job.id, lease, "succeeded").status == "succeeded"
 
-    assert user.get_job(job["id"])["status"] == "succeeded"
-    assert user.metrics(job["id"], names=["loss"], max_points=5)["series"]["loss"][-1]["step"] == 10
-    assert user.latest_metrics(job["id"])["metrics"]["loss"]["step"] == 10
-    events = user.events(job["id"])
-    assert events["items"][-1]["type"] == "succeeded"
-    assert user.events(job["id"], after=events["next_after"])["items"] == []
-    path = user.download_model(job["id"], tmp_path)
+    assert user.get_job(job.id).status == "succeeded"
+    assert user.metrics(job.id, names=["loss"], max_points=5).series["loss"][-1].step == 10
+    assert user.latest_metrics(job.id).metrics["loss"].step == 10
+    events = user.events(job.id)
+    assert events.items[-1].type == "succeeded"
+    assert user.events(job.id, after=events.next_after).items == []
+    path = user.download_model(job.id, tmp_path)
     assert path.read_bytes() == b"w" * 100_000
 
     # Errors arrive as typed exceptions carrying status, code and detail.
     with pytest.raises(Conflict) as exc:
-        user.cancel(job["id"])
+        user.cancel(job.id)
     assert (exc.value.status, exc.value.code) == (409, "job_finished")
     with pytest.raises(LeaseLost):
-        agent.heartbeat(job["id"], lease)
+        agent.heartbeat(job.id, lease)
     with pytest.raises(NotFound):
-        XsamClient(live_server.url, admin.create_token("bob")["token"]).get_job(job["id"])
+        XsamClient(live_server.url, admin.create_token("bob").token).get_job(job.id)
     with pytest.raises(Forbidden):
         user.claim("x", 1, 0)
     with pytest.raises(Unauthorized):
@@ -76,15 +77,15 @@ def test_a_job_from_submit_to_download(live_server, settings, tmp_path):
     assert exc.value.status == 422
     assert exc.value.detail[0]["loc"] == ["body", "config", "optimizer", "rho"]
     tokens = admin.list_tokens()
-    bob = next(t for t in tokens if t["name"] == "bob")
-    admin.revoke_token(bob["id"])
+    bob = next(t for t in tokens if t.name == "bob")
+    admin.revoke_token(bob.id)
     for c in (admin, user, agent):
         c.close()
 
 
 def test_claimers_race_over_http(live_server):
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    ids = {admin.submit(CONFIG)["id"] for _ in range(40)}
+    ids = {admin.submit(CONFIG).id for _ in range(40)}
     got: list[int] = []
     lock = threading.Lock()
 
@@ -92,7 +93,7 @@ def test_claimers_race_over_http(live_server):
         with XsamClient(live_server.url, ADMIN_SECRET) as api:
             while (c := api.claim(f"agent-{n}", 1, 0)) is not None:
                 with lock:
-                    got.append(c["job"]["id"])
+                    got.append(c.job.id)
 
     threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
     for t in threads:
@@ -133,14 +134,14 @@ def test_xsam_serve_no_agent_and_token_cli(db_url, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
         env["XSAM_DATA_DIR"] = str(data_dir)
         out = subprocess.run(
-            [sys.executable, "-m", "xsam", "token", "create", "--role", "user", "--name", "dana",
+            [sys.executable, "-m", "cli", "token", "create", "--role", "user", "--name", "dana",
              "--server", url],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         secret = out.stdout.strip()
         with XsamClient(url, secret) as dana:
-            assert dana.submit(CONFIG)["owner"] == "dana"
+            assert dana.submit(CONFIG).owner == "dana"
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -83,11 +83,11 @@ def browser(server) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def clients(server) -> dict[str, Any]:
     admin = XsamClient(server, ADMIN_SECRET)
-    token = admin.create_token("dana")["token"]
+    token = admin.create_token("dana").token
     return {
         "token": token,
         "user": XsamClient(server, token),
-        "agent": XsamClient(server, admin.create_token("box", "agent")["token"]),
+        "agent": XsamClient(server, admin.create_token("box", "agent").token),
     }
 
 
@@ -161,10 +161,10 @@ def _metrics(steps, lr_steps=()) -> list[dict]:
 def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(server, browser, clients, tmp_path):
     user, agent = clients["user"], clients["agent"]
     job = user.submit({**CONFIG, "schedule": {"epochs": 3}}, name="browser-job")
-    lease = agent.claim("browser-agent", 4, 0)["lease"]["lease_token"]
-    agent.heartbeat(job["id"], lease, {"epoch": 1, "epochs": 3, "step": 40, "steps": 300})
-    agent.ingest_metrics(job["id"], lease, _metrics(range(1, 41), lr_steps=range(1, 2001)))
-    agent.ingest_events(job["id"], lease, [
+    lease = agent.claim("browser-agent", 4, 0).lease.lease_token
+    agent.heartbeat(job.id, lease, {"epoch": 1, "epochs": 3, "step": 40, "steps": 300})
+    agent.ingest_metrics(job.id, lease, _metrics(range(1, 41), lr_steps=range(1, 2001)))
+    agent.ingest_events(job.id, lease, [
         {"type": "alpha_search", "message": "α = 0.6 at step 1", "key": "s1",
          "data": {"step": 1, "alphas": [0, 0.5, 1.0, 1.5], "losses": [2.3, 2.1, 2.2, 2.6]}},
         {"type": "environment", "message": "rank 0", "key": "environment:1:0",
@@ -173,9 +173,9 @@ def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(server, browser,
                   "gpus": 1}},
     ])  # fmt: skip
     lines = [{"rank": 0, "seq": i, "stream": "stdout", "text": f"hello {i}"} for i in range(5)]
-    agent.ingest_logs(job["id"], lease, lines)
+    agent.ingest_logs(job.id, lease, lines)
 
-    sign_in(browser, server, clients["token"], f"/jobs/{job['id']}")
+    sign_in(browser, server, clients["token"], f"/jobs/{job.id}")
     first = wait_until("the loss chart", lambda: points(browser, "chart-loss"))
     assert first == 40
     assert traces(browser, "chart-lr", "envelope") == 1  # 2000 points came downsampled
@@ -184,8 +184,8 @@ def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(server, browser,
     assert "gpu-node-7" in browser.find_element("id", "job-env").text
 
     # The job trains on: the open page follows without a reload.
-    agent.ingest_metrics(job["id"], lease, _metrics(range(41, 101)))
-    agent.ingest_logs(job["id"], lease, [
+    agent.ingest_metrics(job.id, lease, _metrics(range(41, 101)))
+    agent.ingest_logs(job.id, lease, [
         {"rank": 1, "seq": 0, "stream": "log", "level": "INFO", "text": "epoch 1 done"}
     ])  # fmt: skip
     grown = wait_until("more points", lambda: points(browser, "chart-loss") > first and
@@ -200,8 +200,8 @@ def test_a_running_jobs_page_grows_its_charts_and_tails_its_log(server, browser,
 
     # Cancel from the page: the service records the request (the agent would stop the run).
     browser.find_element("id", "cancel").click()
-    wait_until("the cancel", lambda: user.get_job(job["id"])["cancel_requested"])
-    agent.finish(job["id"], lease, "cancelled")
+    wait_until("the cancel", lambda: user.get_job(job.id).cancel_requested)
+    agent.finish(job.id, lease, "cancelled")
 
 
 def test_a_finished_studys_page_has_one_band_per_cell(server, browser, clients, tmp_path):
@@ -215,17 +215,17 @@ def test_a_finished_studys_page_has_one_band_per_cell(server, browser, clients, 
         "baseline": "sgd",
     })  # fmt: skip
     while (claimed := agent.claim("browser-agent", 4, 0)) is not None:
-        job, lease = claimed["job"], claimed["lease"]["lease_token"]
-        seed = job["config"]["seed"]
-        lift = 0.1 + 0.02 * seed if job["cell"] == "xsam" else 0.0
-        agent.ingest_metrics(job["id"], lease, [
+        job, lease = claimed.job, claimed.lease.lease_token
+        seed = job.config["seed"]
+        lift = 0.1 + 0.02 * seed if job.cell == "xsam" else 0.0
+        agent.ingest_metrics(job.id, lease, [
             {"name": "test/acc", "step": s, "value": 0.5 + lift + 0.03 * s + 0.01 * seed}
             for s in range(1, 11)
         ])  # fmt: skip
-        agent.finish(job["id"], lease, "succeeded")
-    assert user.get_study(study["id"])["status"] == "finished"
+        agent.finish(job.id, lease, "succeeded")
+    assert user.get_study(study.id).status == "finished"
 
-    sign_in(browser, server, clients["token"], f"/studies/{study['id']}")
+    sign_in(browser, server, clients["token"], f"/studies/{study.id}")
     wait_until("the curves", lambda: traces(browser, "chart-curves", "band"))
     assert traces(browser, "chart-curves", "band") == 2  # one mean ± sd band per cell
     assert traces(browser, "chart-curves", "mean") == 2

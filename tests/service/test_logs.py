@@ -148,15 +148,17 @@ def test_xsam_logs_follows_a_running_job_to_its_end(live_server, capsys):
 
     from service_support import ADMIN_SECRET, CONFIG
 
+    from cli import main
     from service.client import XsamClient
-    from xsam.cli import main
 
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    token = admin.create_token("carol")["token"]
+    token = admin.create_token("carol").token
     user = XsamClient(live_server.url, token)
-    agent = XsamClient(live_server.url, admin.create_token("box", "agent")["token"])
-    job_id = user.submit(CONFIG)["id"]
-    lease = agent.claim("a1", 4, 0)["lease"]["lease_token"]
+    agent = XsamClient(live_server.url, admin.create_token("box", "agent").token)
+    job_id = user.submit(CONFIG).id
+    claimed = agent.claim("a1", 4, 0)
+    assert claimed is not None
+    lease = claimed.lease.lease_token
     agent.ingest_logs(job_id, lease, _lines(0, range(3)) + _lines(1, range(2)))
 
     def the_run_goes_on():

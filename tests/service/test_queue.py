@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -294,11 +293,10 @@ def test_the_app_reaps_periodically(db_url, tmp_path):
     with LiveServer(settings) as server, XsamClient(server.url, ADMIN_SECRET) as api:
         job = api.submit(CONFIG, max_attempts=1)
         assert api.claim("a1", 1, 0) is not None
-        deadline = time.monotonic() + 10
-        while api.get_job(job["id"])["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        body = api.get_job(job["id"])
-        assert body["status"] == "failed" and body["error"]["type"] == "lease_expired"
+        # The reaper runs every 0.1 s and the lease lasts seconds: ten seconds is ample.
+        done = api.wait_for_job(job.id, timeout=10, poll_s=0.1)
+        assert done.status == "failed" and done.error is not None
+        assert done.error.type == "lease_expired"
 
 
 def _release(client, headers, job_id: int, lease_token: str, reason: str | None = "shutdown"):
@@ -409,9 +407,12 @@ def test_client_release_over_http(live_server):
 
     with XsamClient(live_server.url, ADMIN_SECRET) as api:
         job = api.submit(CONFIG)
-        lease = api.claim("a1", 4, 0)["lease"]
-        released = api.release(job["id"], lease["lease_token"], reason="test")
-        assert released["status"] == "queued" and released["attempt"] == 0
+        claimed = api.claim("a1", 4, 0)
+        assert claimed is not None
+        lease = claimed.lease
+        released = api.release(job.id, lease.lease_token, reason="test")
+        assert released.status == "queued" and released.attempt == 0
         with pytest.raises(LeaseLost):
-            api.release(job["id"], lease["lease_token"])
-        assert api.claim("a1", 4, 0)["lease"]["attempt"] == 1
+            api.release(job.id, lease.lease_token)
+        again = api.claim("a1", 4, 0)
+        assert again is not None and again.lease.attempt == 1

@@ -82,7 +82,7 @@ def test_an_embedded_serve_on_a_busy_port_starts_no_ray_and_no_agent(db_url, tmp
         environ = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
         started = time.monotonic()
         second = subprocess.Popen(
-            [sys.executable, "-m", "xsam", "serve", "--port", str(port),
+            [sys.executable, "-m", "cli", "serve", "--port", str(port),
              "--data-dir", str(tmp_path / "two"), "--database-url", db_url,
              "--ray-temp-dir", str(tmp_path / "ray"), "--num-cpus", "1"],
             env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

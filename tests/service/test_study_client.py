@@ -11,8 +11,8 @@ import pytest
 import yaml
 from service_support import ADMIN_SECRET, CONFIG
 
+from cli import main
 from service.client import NotFound, XsamClient
-from xsam.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "studies"
 
@@ -36,9 +36,9 @@ def xsam(capsys, server: str, token: str, *argv: str) -> tuple[int, str, str]:
 
 def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    token = admin.create_token("alice", "user")["token"]
+    token = admin.create_token("alice", "user").token
     user = XsamClient(live_server.url, token)
-    agent = XsamClient(live_server.url, admin.create_token("box", "agent")["token"])
+    agent = XsamClient(live_server.url, admin.create_token("box", "agent").token)
     url = live_server.url
 
     path = tmp_path / "study.yaml"
@@ -47,24 +47,24 @@ def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
     assert code == 0, err
     study_id = int(out.strip())
     assert "2 cells × 2 seeds = 4 jobs" in err
-    assert user.get_study(study_id)["status"] == "running"
-    assert [s["id"] for s in user.list_studies()["items"]] == [study_id]
-    assert len(user.list_jobs(study=study_id)["items"]) == 4
+    assert user.get_study(study_id).status == "running"
+    assert [s.id for s in user.list_studies().items] == [study_id]
+    assert len(user.list_jobs(study=study_id).items) == 4
 
     code, out, _ = xsam(capsys, url, token, "list")
     assert code == 0 and "two-arms" in out and "0/4" in out
 
     for i in range(4):
         run = agent.claim("box", cpus=4, gpus=0)
-        job, lease = run["job"], run["lease"]["lease_token"]
+        job, lease = run.job, run.lease.lease_token
         # Claimed seed-major (sam 0, xsam 0, sam 1, xsam 1): xsam ends 0.02 above sam.
-        values = [0.5 + 0.01 * i + 0.1 * (job["cell"] == "xsam"), 0.6 + 0.02 * i]
+        values = [0.5 + 0.01 * i + 0.1 * (job.cell == "xsam"), 0.6 + 0.02 * i]
         points = [
             {"name": "test/acc", "step": s, "value": v}
             for s, v in zip((10, 20), values, strict=True)
         ]
-        agent.ingest_metrics(job["id"], lease, points)
-        agent.finish(job["id"], lease, "succeeded")
+        agent.ingest_metrics(job.id, lease, points)
+        agent.finish(job.id, lease, "succeeded")
 
     code, out, _ = xsam(capsys, url, token, "status", str(study_id))
     assert code == 0 and "finished" in out
@@ -74,36 +74,36 @@ def test_a_study_from_the_cli_to_its_comparison(live_server, tmp_path, capsys):
 
     summary = user.study_summary(study_id, metric="test/acc", mode="max", target=0.6)
     code, out, _ = xsam(capsys, url, token, "compare", str(study_id), "--target", "0.6", "--json")
-    assert code == 0 and json.loads(out) == summary
+    assert code == 0 and json.loads(out) == summary.model_dump(mode="json")
     code, out, _ = xsam(capsys, url, token, "compare", str(study_id), "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["cell"] for r in rows] == ["sam", "xsam"]
-    xsam_cell = summary["cells"][1]
-    assert float(rows[1]["final_mean"]) == pytest.approx(xsam_cell["final"]["mean"])
+    xsam_cell = summary.cells[1]
+    assert float(rows[1]["final_mean"]) == pytest.approx(xsam_cell.final.mean)
     assert rows[1]["baseline"] == "sam" and int(rows[1]["final_wins"]) == 2
     code, out, _ = xsam(capsys, url, token, "compare", str(study_id))
     assert code == 0 and "xsam" in out and "2/2" in out and "+0.0200" in out
     # The differences are all 0.02 (to rounding): no spread, so no t-test.
-    assert xsam_cell["vs_baseline"]["final"]["t"] is None
+    assert xsam_cell.vs_baseline.final.t is None
 
     curves = user.study_curves(study_id, name="test/acc", max_points=10)
-    assert [p["n"] for p in curves["cells"]["sam"]] == [2, 2]
+    assert [p.n for p in curves.cells["sam"]] == [2, 2]
 
     # Finished: cancelling is a one-line error; another owner sees nothing.
     code, _, err = xsam(capsys, url, token, "cancel", str(study_id))
     assert code == 1 and "study_finished" in err and "\n" not in err.strip()
     with pytest.raises(NotFound):
-        XsamClient(url, admin.create_token("bob", "user")["token"]).get_study(study_id)
+        XsamClient(url, admin.create_token("bob", "user").token).get_study(study_id)
 
     other = user.submit_study({**STUDY, "name": "stop-me"})
-    code, out, _ = xsam(capsys, url, token, "cancel", str(other["id"]))
+    code, out, _ = xsam(capsys, url, token, "cancel", str(other.id))
     assert code == 0 and "4 jobs cancelled" in out
-    assert user.get_study(other["id"])["status"] == "cancelled"
+    assert user.get_study(other.id).status == "cancelled"
 
 
 def test_cli_errors_are_one_line(live_server, tmp_path, capsys):
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    token = admin.create_token("alice", "user")["token"]
+    token = admin.create_token("alice", "user").token
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**STUDY, "grid": {"optimizer.rho": [0.1, -1]}}))
     code, _, err = xsam(capsys, live_server.url, token, "submit", str(bad))

@@ -1,31 +1,33 @@
 """End to end: `xsam serve` (API + agent) on the session's local Ray cluster, over real HTTP.
 
 Each test submits tiny MNIST-1D jobs and checks what a user sees through the API: statuses,
-metrics, events, the downloaded model; cancel within 10 s; a SIGKILLed server whose job
-resumes from its checkpoint as attempt 2; a Ctrl-C'd server whose job is released and resumes
-on the next start with no attempt used; failures that no retry can fix.
+metrics, events, the downloaded model; cancel within 10 s; a Ctrl-C'd server whose job is
+released and resumes on the next start with no attempt used; failures that no retry can fix.
+Killed ranks, agents, APIs and databases are tests/faults/test_restarts_*.py's.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
+
+from service.contract import EventPublic
 
 # The first test also starts the session's Ray cluster and server (~70 s on a loaded 2-core
 # machine); no test here needs more than ~60 s on its own.
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _events(api, job_id: int) -> list[dict]:
-    items, after = [], 0
+def _events(api, job_id: int) -> list[EventPublic]:
+    items: list[EventPublic] = []
+    after = 0
     while True:
         page = api.events(job_id, after=after)
-        items += page["items"]
-        if not page["items"] or page.get("next_after") in (None, after):
+        items += page.items
+        if not page.items or page.next_after == after:
             return items
-        after = page["next_after"]
+        after = page.next_after
 
 
 def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
@@ -33,31 +35,32 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
 ):
     config = tiny_config(resources={"num_workers": 2}, schedule__epochs=3)
     job = api.submit(config, name="two-ranks", tags=["e2e"])
-    done = wait_terminal(api, job["id"])
-    assert done["status"] == "succeeded", done
-    assert "running" in done["_statuses"] and done["attempt"] == 1
+    statuses: list[str] = []
+    done = wait_terminal(api, job.id, statuses=statuses)
+    assert done.status == "succeeded", done
+    assert "running" in statuses and done.attempt == 1
 
     # Per-step metrics every log_every steps, per-epoch validation once per epoch.
-    series = api.metrics(job["id"])["series"]
+    series = api.metrics(job.id).series
     steps_per_epoch = 600 // 50
     total = 3 * steps_per_epoch
-    assert [p["step"] for p in series["train/loss"]] == list(range(2, total + 1, 2))
-    assert [p["epoch"] for p in series["test/acc"]] == [1, 2, 3]
+    assert [p.step for p in series["train/loss"]] == list(range(2, total + 1, 2))
+    assert [p.epoch for p in series["test/acc"]] == [1, 2, 3]
     # Both ranks used the same α at every search (fit gathers them under DDP).
     assert series["xsam/alpha_rank_spread"] and all(
-        p["value"] == 0 for p in series["xsam/alpha_rank_spread"]
+        p.value == 0 for p in series["xsam/alpha_rank_spread"]
     )
 
-    events = _events(api, job["id"])
-    types = [e["type"] for e in events]
+    events = _events(api, job.id)
+    types = [e.type for e in events]
     for expected in ("claimed", "started", "epoch_done", "checkpoint", "finished", "succeeded"):
         assert expected in types, types
     assert types.count("epoch_done") == 3
-    searches = [e for e in events if e["type"] == "alpha_search"]
+    searches = [e for e in events if e.type == "alpha_search"]
     assert len(searches) == 3  # the first minibatch of every epoch
-    curve = searches[0]["data"]
+    curve = searches[0].data
     assert len(curve["alphas"]) == len(curve["losses"]) == 21  # the α grid 0:0.1:2
-    checks = [e["data"] for e in events if e["type"] == "alpha_check"]
+    checks = [e.data for e in events if e.type == "alpha_check"]
     assert checks and all(c["consistent"] and len(c["alphas"]) == 2 for c in checks)
 
     # The artifact downloads, loads, and reproduces the reported validation accuracy.
@@ -67,13 +70,13 @@ def test_xsam_job_on_two_ranks_succeeds_with_metrics_events_and_model(
     from xsam.data import load_dataset
     from xsam.training import evaluate, load_trained
 
-    path = api.download_model(job["id"], tmp_path)
+    path = api.download_model(job.id, tmp_path)
     model = load_trained(path)
     data = load_dataset(TrainConfig.model_validate(config), data_root=data_root)
     measured = evaluate(model, data)
-    assert measured["test/acc"] == pytest.approx(series["test/acc"][-1]["value"], abs=1e-6)
-    assert measured["test/loss"] == pytest.approx(series["test/loss"][-1]["value"], rel=1e-4)
-    assert (serve.data_dir / "artifacts" / f"job-{job['id']}" / "config.json").exists()
+    assert measured["test/acc"] == pytest.approx(series["test/acc"][-1].value, abs=1e-6)
+    assert measured["test/loss"] == pytest.approx(series["test/loss"][-1].value, rel=1e-4)
+    assert (serve.data_dir / "artifacts" / f"job-{job.id}" / "config.json").exists()
 
 
 def test_cancel_stops_a_running_job_within_10_s_with_a_checkpoint(
@@ -82,18 +85,18 @@ def test_cancel_stops_a_running_job_within_10_s_with_a_checkpoint(
     job = api.submit(tiny_config(schedule__epochs=200), name="to-cancel")
 
     def training():
-        progress = api.get_job(job["id"])["progress"] or {}
-        return (progress.get("step") or 0) > 0
+        progress = api.get_job(job.id).progress
+        return progress is not None and (progress.step or 0) > 0
 
     wait_for(training, 240, 0.5, "the job to train")
     asked = time.monotonic()
-    api.cancel(job["id"])
-    done = wait_terminal(api, job["id"], timeout=30)
+    api.cancel(job.id)
+    done = wait_terminal(api, job.id, timeout=30)
     took = time.monotonic() - asked
-    assert done["status"] == "cancelled"
+    assert done.status == "cancelled"
     assert took < 10, f"cancel took {took:.1f} s"
-    assert (serve.data_dir / "checkpoints" / f"job-{job['id']}" / "checkpoint.pt").exists()
-    assert "stopped" in [e["type"] for e in _events(api, job["id"])]
+    assert (serve.data_dir / "checkpoints" / f"job-{job.id}" / "checkpoint.pt").exists()
+    assert "stopped" in [e.type for e in _events(api, job.id)]
 
 
 def test_failures_a_retry_cannot_fix_end_failed_on_the_first_attempt(
@@ -105,123 +108,13 @@ def test_failures_a_retry_cannot_fix_end_failed_on_the_first_attempt(
     )
     diverging = api.submit(tiny_config(optimizer={"name": "xsam", "lr": 1e6}), name="diverges")
     for job, code, words in ((missing, "data_error", "cifar"), (diverging, "diverged", "nan")):
-        done = wait_terminal(api, job["id"])
-        assert done["status"] == "failed", done
-        assert done["error"]["type"] == code
-        assert words in done["error"]["message"].lower(), done["error"]
-        assert done["attempt"] == 1  # not retried
+        done = wait_terminal(api, job.id)
+        assert done.status == "failed", done
+        assert done.error.type == code
+        assert words in done.error.message.lower(), done.error
+        assert done.attempt == 1  # not retried
     time.sleep(2)  # nothing requeues it later either
-    assert api.get_job(diverging["id"])["attempt"] == 1
-
-
-def _train_processes() -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    rows = [line.strip().split(None, 1) for line in out.splitlines() if line.strip()]
-    return [
-        (int(pid), args)
-        for pid, args in (r for r in rows if len(r) == 2)
-        if args.startswith(
-            ("ray::RayTrainWorker", "ray::TrainController", "ray::JobControl", "ray::WarmRank")
-        )
-    ]
-
-
-@pytest.mark.parametrize(
-    ("workers", "rank_process"),
-    [
-        # One rank: a warm actor (worker/warm_pool.py); the job runs again in another one.
-        (1, "ray::WarmRank.run"),
-        # Two ranks: a TorchTrainer; Ray Train restarts the worker group.
-        (2, "ray::RayTrainWorker"),
-    ],
-)
-def test_a_killed_rank_is_restarted_and_resumes_within_the_attempt(
-    serve, api, tiny_config, wait_for, wait_terminal, workers, rank_process
-):
-    epochs = 25
-    job = api.submit(
-        tiny_config(schedule__epochs=epochs, resources={"num_workers": workers}),
-        name="rank-killed",
-    )
-
-    def past_epoch_2():
-        progress = api.get_job(job["id"])["progress"] or {}
-        return (progress.get("epoch") or 0) >= 2
-
-    wait_for(past_epoch_2, 240, 0.3, "two epochs")
-    # This job's last rank, by the pid its run environment reports: the process titles alone
-    # cannot tell this job's rank from an earlier run's process Ray is still releasing (or a
-    # warm actor whose title still names its last task) — the stress runs killed such ones.
-    envs = api.events(job["id"], type="environment")["items"]
-    pid = next(e["data"]["pid"] for e in envs if e["data"]["rank"] == workers - 1)
-    args = dict(_train_processes()).get(pid, "")
-    assert args.startswith(rank_process), (pid, args)
-    subprocess.run(["kill", "-9", str(pid)], check=True)
-
-    done = wait_terminal(api, job["id"])
-    assert done["status"] == "succeeded" and done["attempt"] == 1, done
-    events = _events(api, job["id"])
-    starts = [e["message"] for e in events if e["type"] == "started"]
-    assert len(starts) == 2 and "resumed" in starts[1], starts
-    assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
-        range(1, epochs + 1)
-    )
-    steps = [p["step"] for p in api.metrics(job["id"])["series"]["train/loss"]]
-    assert steps == list(range(2, epochs * 12 + 1, 2))
-
-
-def test_sigkilled_server_resumes_the_job_from_its_checkpoint_as_attempt_2(
-    serve_factory, tiny_config, wait_for, wait_terminal
-):
-    # A server of its own to kill (the shared one, if started, is idle by now, but keeps its
-    # idle warm actors: only the victim's processes must go).
-    others = {pid for pid, _ in _train_processes()}
-    victim = serve_factory("killed").start()
-    epochs = 20  # long enough that the kill lands mid-run
-    with victim.client() as api:
-        job = api.submit(tiny_config(schedule__epochs=epochs), name="survivor", max_attempts=3)
-
-        def epoch_done(n):
-            return lambda: any(
-                e["type"] == "epoch_done" and e["data"]["epoch"] >= n
-                for e in _events(api, job["id"])
-            )
-
-        wait_for(epoch_done(1), 240, 0.2, "the first epoch")
-    victim.kill()
-
-    # The dead driver's actors (controller, ranks, control actor) are reaped by Ray; a rank
-    # that lived on would be fenced by the service (its lease token is stale after requeue).
-    try:
-        wait_for(
-            lambda: not [p for p, _ in _train_processes() if p not in others],
-            60,
-            1,
-            "the killed server's Ray processes",
-        )
-    finally:
-        for pid, _ in _train_processes():  # clean up, whatever the assertion said
-            if pid in others:
-                continue
-            subprocess.run(["kill", "-9", str(pid)], check=False)
-
-    victim.start()
-    with victim.client() as api:
-        done = wait_terminal(api, job["id"])
-        assert done["status"] == "succeeded", done
-        assert done["attempt"] == 2
-        events = _events(api, job["id"])
-        starts = [e["message"] for e in events if e["type"] == "started"]
-        assert len(starts) == 2 and "resumed" in starts[1], starts
-        assert "requeued" in [e["type"] for e in events]
-        series = api.metrics(job["id"])["series"]
-        # Every epoch exactly once, every logged step exactly once: none missing, none twice.
-        assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
-        steps = [p["step"] for p in series["train/loss"]]
-        assert steps == list(range(2, epochs * 12 + 1, 2))
-        done_epochs = [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"]
-        assert done_epochs == list(range(1, epochs + 1))
-    victim.stop()
+    assert api.get_job(diverging.id).attempt == 1
 
 
 def test_ctrl_c_releases_the_running_job_and_the_next_start_resumes_it(
@@ -234,44 +127,42 @@ def test_ctrl_c_releases_the_running_job_and_the_next_start_resumes_it(
     with server.client() as api:
         job = api.submit(tiny_config(schedule__epochs=epochs), name="ctrl-c", max_attempts=1)
         wait_for(
-            lambda: any(e["type"] == "epoch_done" for e in _events(api, job["id"])),
+            lambda: any(e.type == "epoch_done" for e in _events(api, job.id)),
             240, 0.2, "the first epoch",
         )  # fmt: skip
     assert server.interrupt(timeout=60) == 0
-    assert (server.data_dir / "checkpoints" / f"job-{job['id']}" / "checkpoint.pt").exists()
+    assert (server.data_dir / "checkpoints" / f"job-{job.id}" / "checkpoint.pt").exists()
 
     # Between the two starts: queued again at once (not left running for the reaper), released.
     with server.api_only() as api:
-        between = api.get_job(job["id"])
-        events = _events(api, job["id"])
-    assert between["status"] == "queued" and between["attempt"] == 0, between
-    types = [e["type"] for e in events]
+        between = api.get_job(job.id)
+        events = _events(api, job.id)
+    assert between.status == "queued" and between.attempt == 0, between
+    types = [e.type for e in events]
     assert types[-2:] == ["stopped", "released"], types
-    assert events[-1]["data"]["attempt"] == 1
-    stopped_at = events[-2]["data"]["step"]
+    assert events[-1].data["attempt"] == 1
+    stopped_at = events[-2].data["step"]
 
     server.start()
     with server.client() as api:
-        done = wait_terminal(api, job["id"])
-        events = _events(api, job["id"])
-        series = api.metrics(job["id"])["series"]
+        done = wait_terminal(api, job.id)
+        events = _events(api, job.id)
+        series = api.metrics(job.id).series
     server.stop()
-    assert done["status"] == "succeeded", done
+    assert done.status == "succeeded", done
     # No failure counted: both claims were attempt 1 (of 1), and nothing was requeued.
-    assert done["attempt"] == 1
-    assert [e["data"]["attempt"] for e in events if e["type"] == "claimed"] == [1, 1]
-    types = [e["type"] for e in events]
+    assert done.attempt == 1
+    assert [e.data["attempt"] for e in events if e.type == "claimed"] == [1, 1]
+    types = [e.type for e in events]
     assert "requeued" not in types and "attempt_ended" not in types, types
     # The second run continued from the stop's checkpoint, not from epoch 1.
-    starts = [e for e in events if e["type"] == "started"]
-    assert len(starts) == 2 and "resumed" in starts[1]["message"], starts
-    assert starts[1]["data"]["start_step"] == stopped_at > 0
+    starts = [e for e in events if e.type == "started"]
+    assert len(starts) == 2 and "resumed" in starts[1].message, starts
+    assert starts[1].data["start_step"] == stopped_at > 0
     # Every epoch and every logged step exactly once across the two runs.
-    assert [e["data"]["epoch"] for e in events if e["type"] == "epoch_done"] == list(
-        range(1, epochs + 1)
-    )
-    assert [p["epoch"] for p in series["test/acc"]] == list(range(1, epochs + 1))
-    assert [p["step"] for p in series["train/loss"]] == list(range(2, epochs * 12 + 1, 2))
+    assert [e.data["epoch"] for e in events if e.type == "epoch_done"] == list(range(1, epochs + 1))
+    assert [p.epoch for p in series["test/acc"]] == list(range(1, epochs + 1))
+    assert [p.step for p in series["train/loss"]] == list(range(2, epochs * 12 + 1, 2))
 
 
 def test_a_terminal_ctrl_c_reaches_serve_but_not_its_local_ray_head(ray_cluster):

@@ -126,3 +126,25 @@ def test_the_agent_classifies_what_ray_hands_it_by_the_same_rules(exc, retryable
 def test_the_cause_is_named_in_the_error():
     failure = classify(WorkerGroupErrorLike({0: torch.OutOfMemoryError(CUDA_OOM)}))
     assert failure.as_error()["message"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_an_infrastructure_failure_is_named_by_what_was_raised_inside_ray():
+    # What a warm rank's unwritable checkpoint directory looks like to the agent: Ray's
+    # wrapper, whose own text is its actor method and pid in terminal colours.
+    from ray.exceptions import RayTaskError
+
+    inner = NotADirectoryError(20, "Not a directory", "/ckpt/job-1/undelivered.part")
+    wrapped = RayTaskError(
+        "\x1b[36mray::WarmRank.run()\x1b[39m", "Traceback (most recent call last): …", inner
+    ).as_instanceof_cause()
+    failure = classify(wrapped)
+    assert (failure.retryable, failure.type) == (True, "infrastructure_error")
+    assert failure.message == (
+        "NotADirectoryError: [Errno 20] Not a directory: '/ckpt/job-1/undelivered.part'"
+    )
+
+
+def test_a_failure_with_only_ray_inside_keeps_ray_s_text_without_terminal_colours():
+    RayError = type("ActorDiedError", (Exception,), {"__module__": "ray.exceptions"})
+    failure = classify(RayError("\x1b[31mThe actor died unexpectedly\x1b[39m"))
+    assert failure.message == "ActorDiedError: The actor died unexpectedly"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 
 import pytest
 
 from service.client import LeaseLost, ServiceUnreachable
+from service.contract import HeartbeatPublic, IngestPublic, JobPublic, JobStatus, RunOutcome
 from worker.failures import classify
 from worker.heartbeat import Heartbeats, Lease
 from xsam.errors import DataError, DivergedError
@@ -14,8 +16,8 @@ from xsam.errors import DataError, DivergedError
 
 class FakeAgentApi:
     def __init__(self, replies, witness_replies=()):
-        # A dict reply, or an exception to raise; the last one repeats. Job 8, the witness,
-        # gets its own replies.
+        # A HeartbeatPublic reply, or an exception to raise; the last one repeats. Job 8, the
+        # witness, gets its own replies.
         self.replies = {None: list(replies), 8: list(witness_replies)}
         self.beats: list[tuple[int, dict | None]] = []
         self.beaten = threading.Condition()
@@ -46,7 +48,9 @@ def _wait(event: threading.Event, timeout: float = 5.0) -> bool:
 
 
 def test_cancel_requested_is_passed_on_once_with_progress_sent():
-    api = FakeAgentApi([{"cancel_requested": False}, {"cancel_requested": True}])
+    api = FakeAgentApi(
+        [HeartbeatPublic(cancel_requested=False), HeartbeatPublic(cancel_requested=True)]
+    )
     cancelled, lost = threading.Event(), threading.Event()
     calls = []
     beats = Heartbeats(api, max_interval=0.05).start()
@@ -61,7 +65,9 @@ def test_cancel_requested_is_passed_on_once_with_progress_sent():
 
 
 def test_a_lost_lease_stops_its_heartbeats():
-    api = FakeAgentApi([LeaseLost(409, "lease_lost", "gone")], [{"cancel_requested": False}])
+    api = FakeAgentApi(
+        [LeaseLost(409, "lease_lost", "gone")], [HeartbeatPublic(cancel_requested=False)]
+    )
     lost = threading.Event()
     beats = Heartbeats(api, max_interval=0.05).start()
     beats.add(Lease(7, "t", 1.0, on_cancel=lambda: None, on_lost=lost.set))
@@ -76,7 +82,8 @@ def test_a_lost_lease_stops_its_heartbeats():
 
 def test_an_unreachable_service_is_retried():
     api = FakeAgentApi(
-        [ServiceUnreachable(0, "unreachable", "down")] * 2 + [{"cancel_requested": True}]
+        [ServiceUnreachable(0, "unreachable", "down")] * 2
+        + [HeartbeatPublic(cancel_requested=True)]
     )
     cancelled = threading.Event()
     beats = Heartbeats(api, max_interval=0.01).start()
@@ -133,11 +140,16 @@ class FakeReleaseApi:
         self.calls.append(("release", job_id, lease_token))
         if self.error is not None:
             raise self.error
-        return {"id": job_id, "status": "queued"}
+        return JobPublic(
+            id=job_id, name=None, owner="admin", status=JobStatus.QUEUED, config={}, priority=0,
+            attempt=0, max_attempts=1, tags=[], created_at=datetime.now(UTC), started_at=None,
+            finished_at=None, progress=None, latest_metrics={}, error=None, queue_position=1,
+            cancel_requested=False,
+        )  # fmt: skip
 
     def ingest_events(self, job_id, lease_token, events):
         self.calls.append(("events", job_id, [e["type"] for e in events]))
-        return {"received": len(events), "inserted": len(events)}
+        return IngestPublic(received=len(events), inserted=len(events))
 
 
 @pytest.mark.parametrize(
@@ -175,7 +187,7 @@ def test_a_job_stopped_for_shutdown_is_released_else_left_to_its_lease(
     agent.heartbeats.add(Lease(7, "tok", 5.0, on_cancel=lambda: None, on_lost=lambda: None))
     run = SimpleNamespace(job_id=7, lease_token="tok", attempt=1, max_attempts=1)
     gone = threading.Event()
-    agent._conclude(run, RunResult("stopped", stop_reason=SHUTDOWN), gone)
+    agent._conclude(run, RunResult(RunOutcome.STOPPED, stop_reason=SHUTDOWN), gone)
     releases = [c for c in api.calls if c[0] == "release"]
     assert releases and set(releases) == {("release", 7, "tok")}
     assert ("events", 7, ["attempt_ended"]) not in api.calls

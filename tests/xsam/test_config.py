@@ -7,7 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from xsam.config import ConfigError, TrainConfig, describe_errors, load_config
+from xsam.config import TrainConfig, describe_errors, load_config, locate_error
+from xsam.errors import ConfigurationError, XsamError
 
 BASE = {"model": {"name": "cnn1d"}, "data": {"name": "mnist1d"}}
 
@@ -125,12 +126,12 @@ def test_yaml_and_json_files_load_the_same(tmp_path):
 def test_load_config_errors_are_readable(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         load_config(path)
 
 
 def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigurationError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -157,10 +158,70 @@ def test_xsam_train_refuses_overflowing_config_with_exit_2(tmp_path, optimizer):
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**BASE, "optimizer": optimizer}))
-    with pytest.raises(ConfigError, match=r"optimizer\.alpha_(delta|max):"):
+    with pytest.raises(ConfigurationError, match=r"optimizer\.alpha_(delta|max):"):
         load_config(path)
     done = subprocess.run(
-        [sys.executable, "-m", "xsam", "train", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "cli", "train", str(path)], capture_output=True, text=True
     )
     assert done.returncode == 2, done.stderr
     assert "optimizer.alpha_" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "line"),
+    [
+        # each constraint type says what the value must be, and what it was
+        ("optimizer.rho", -1.0, "optimizer.rho: must be >= 0 (got -1.0)"),
+        ("optimizer.lr", 0, "optimizer.lr: must be > 0 (got 0.0)"),
+        ("optimizer.lr", float("inf"), "optimizer.lr: must be a finite number (got inf)"),
+        ("optimizer.rho", 1e308, "optimizer.rho: must be <= 1e+09 (got 1e+308)"),
+        ("data.batch_size", 0, "data.batch_size: must be >= 1 (got 0)"),
+        ("data.num_train", 2**31, "data.num_train: must be <= 2147483647 (got 2147483648)"),
+        ("schedule.warmup_epochs", -1, "schedule.warmup_epochs: must be >= 0 (got -1)"),
+        ("optimizer.momentum", 1.0, "optimizer.momentum: must be in [0, 1) (got 1.0)"),
+        ("data.val_fraction", float("nan"), "data.val_fraction: must be in [0, 1) (got nan)"),
+        ("optimizer.steps", 101, "optimizer.steps: must be in [1, 100] (got 101)"),
+        ("resources.num_workers", 0, "resources.num_workers: must be in [1, 1024] (got 0)"),
+        ("seed", 2**63, f"seed: must be in [0, 2**63) (got {2**63})"),
+        ("optimizer.alpha", -1.0, 'optimizer.alpha: must be "dynamic" or a number >= 0 (got -1.0)'),
+        ("model.name", "resnet999", "model.name: unknown model 'resnet999'; known: resnet18, "
+         "resnet50, vgg11_bn, wrn16_8, mlp, cnn1d, densenet121"),
+    ],
+)  # fmt: skip
+def test_each_constraint_gives_one_readable_line(path, value, line):
+    with pytest.raises(ValidationError) as info:
+        TrainConfig.model_validate(with_value(path, value))
+    assert describe_errors(info.value) == [line]
+
+
+@pytest.mark.parametrize(
+    ("loc", "msg", "located"),
+    [
+        # a field's own check: pydantic's loc already ends with the field
+        (("optimizer", "rho"), "Value error, must be >= 0 (got -1.0)",
+         (("optimizer", "rho"), "must be >= 0 (got -1.0)")),
+        # a cross-field check on the model names its field first: loc gets it
+        (("optimizer",), "Value error, rho_max: must be >= rho (0.5) and <= 1e+09 (got 0.1)",
+         (("optimizer", "rho_max"), "must be >= rho (0.5) and <= 1e+09 (got 0.1)")),
+        # … on the top-level model, whose loc is empty
+        ((), "Value error, cuda_graphs: one GPU only",
+         (("cuda_graphs",), "one GPU only")),
+        # a loc that already ends with the named field is not extended twice
+        (("body", "config", "rho_max"), "rho_max: must be >= rho",
+         (("body", "config", "rho_max"), "must be >= rho")),
+        # pydantic's own messages name no field
+        (("data", "name"), "Field required", (("data", "name"), "Field required")),
+    ],
+)  # fmt: skip
+def test_locate_error_finds_the_field_an_error_is_about(loc, msg, located):
+    assert locate_error(loc, msg) == located
+
+
+def test_a_config_that_cannot_be_used_is_one_error_type(tmp_path):
+    # load_config's errors are the ones training raises: a failed job, never retried.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: cnn1d}\ndata: {name: mnist1d, batch_size: 0}\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_config(path)
+    assert isinstance(info.value, XsamError) and isinstance(info.value, ValueError)
+    assert info.value.code == "invalid_config"

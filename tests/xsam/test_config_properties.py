@@ -1,8 +1,8 @@
-"""Property: any config, however extreme its numbers and strings, is valid or a ConfigError.
+"""Property: any config, however extreme its numbers and strings, is valid or refused.
 
 Generated configs mix the schema's own keys with hostile values (NaN, ±inf, 5e-324, 1e308,
 integers past 2**63, lone surrogates, NUL, unknown keys). `TrainConfig` must answer each with a
-`ValidationError` (`load_config`: a `ConfigError`), never another exception; and what it accepts
+`ValidationError` (`load_config`: a `ConfigurationError`), never another exception; and what it accepts
 must serialise back to strict JSON and keep its derived numbers finite.
 """
 
@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from xsam.config import (
     DATASET_NAMES,
     MODEL_NAMES,
-    ConfigError,
     TrainConfig,
     alpha_probe_count,
     describe_errors,
     load_config,
 )
+from xsam.errors import ConfigurationError
 
 EXTREME_FLOATS = [0.0, -0.0, 5e-324, 1e-308, 2.2e-308, 1e-9, 0.5, 1.0, 2.0, 1e9, 1e308, 1.7e308]
 EXTREME_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 10**30, -(2**63)]
@@ -157,6 +157,6 @@ def test_load_config_is_valid_or_a_config_error(raw):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         try:
             config = load_config(path)
-        except ConfigError:
+        except ConfigurationError:
             return
     check_accepted(config)

@@ -561,7 +561,7 @@ def test_ddp_ranks_agree_to_stop_at_the_next_read(data_root, tmp_path):
 
 def _xsam(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "xsam", "train", *args],
+        [sys.executable, "-m", "cli", "train", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -13,10 +13,10 @@ import argparse
 import csv
 import json
 import sys
-import time
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from cli.terminal_text import iso_time
+from service.contract import EventType, JobPublic, JobStatus, Progress
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
             "--idempotency-key", default=None, help="submitting again with it returns the same job"
         )
     elif name == "list":
-        parser.add_argument("--status", default=None, choices=("queued", "running", *TERMINAL))
+        parser.add_argument("--status", default=None, choices=[s.value for s in JobStatus])
         parser.add_argument("--tag", default=None, help="only jobs with this tag")
         parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     elif name in ("status", "watch", "cancel"):
@@ -51,6 +51,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.terminal_text import EscapedClient, escape_controls
     from service.client import (
         ApiError,
         LocalSecretRefused,
@@ -58,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
         XsamClient,
         default_server_and_token,
     )
-    from xsam.cli.terminal_text import EscapedClient, escape_controls
 
     command = args.command
     try:
@@ -99,11 +99,12 @@ def _schema_errors(detail: Any) -> str:
 
 
 def submit(api, args: argparse.Namespace) -> int:
-    from xsam.config import ConfigError, load_config
+    from xsam.config import load_config
+    from xsam.errors import ConfigurationError
 
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         _err("submit", str(exc).replace("\n", " "))
         return 2
     job = api.submit(
@@ -114,24 +115,24 @@ def submit(api, args: argparse.Namespace) -> int:
         tags=args.tag,
         idempotency_key=args.idempotency_key,
     )
-    print(job["id"])
-    where = f", position {job['queue_position']} in the queue" if job.get("queue_position") else ""
-    print(f"job {job['id']} {job['status']}{where}", file=sys.stderr)
+    print(job.id)
+    where = f", position {job.queue_position} in the queue" if job.queue_position else ""
+    print(f"job {job.id} {job.status}{where}", file=sys.stderr)
     return 0
 
 
 def list_jobs(api, args: argparse.Namespace) -> int:
     page = api.list_jobs(status=args.status, tag=args.tag, limit=args.limit)
     rows = [("ID", "STATUS", "NAME", "PROGRESS", "ATTEMPT", "CREATED")]
-    for job in page["items"]:
+    for job in page.items:
         rows.append(
             (
-                str(job["id"]),
-                job["status"],
-                job.get("name") or "-",
+                str(job.id),
+                job.status,
+                job.name or "-",
                 _progress_text(job),
-                f"{job.get('attempt', 0)}/{job.get('max_attempts', '?')}",
-                (job.get("created_at") or "")[:19],
+                f"{job.attempt}/{job.max_attempts}",
+                job.created_at.isoformat()[:19],
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -140,50 +141,50 @@ def list_jobs(api, args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_text(job: dict[str, Any]) -> str:
-    p = job.get("progress") or {}
-    if job["status"] == "queued" and job.get("queue_position"):
-        return f"#{job['queue_position']} in queue"
-    if p.get("epoch") is not None and p.get("epochs"):
-        return f"epoch {p['epoch']}/{p['epochs']}"
+def _progress_text(job: JobPublic) -> str:
+    p = job.progress or Progress()
+    if job.status is JobStatus.QUEUED and job.queue_position:
+        return f"#{job.queue_position} in queue"
+    if p.epoch is not None and p.epochs:
+        return f"epoch {p.epoch}/{p.epochs}"
     return "-"
 
 
 def status(api, args: argparse.Namespace) -> int:
     if args.json:  # JSON escapes control characters itself: print the reply as it is
-        print(json.dumps(api.raw.get_job(args.job_id), indent=2))
+        print(json.dumps(api.raw.get_job(args.job_id).model_dump(mode="json"), indent=2))
         return 0
     job = api.get_job(args.job_id)
-    print(f"job {job['id']}  {job.get('name') or ''}".rstrip())
-    print(f"  status    {job['status']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["status"] == "running" else ""))  # fmt: skip
-    print(f"  attempt   {job.get('attempt', 0)} of {job.get('max_attempts')}")
+    print(f"job {job.id}  {job.name or ''}".rstrip())
+    print(f"  status    {job.status}" + ("  (cancel requested)" if job.cancel_requested and job.status is JobStatus.RUNNING else ""))  # fmt: skip
+    print(f"  attempt   {job.attempt} of {job.max_attempts}")
     print(f"  progress  {_progress_text(job)}")
-    cfg = job.get("config") or {}
+    cfg = job.config
     model, data = cfg.get("model", {}).get("name"), cfg.get("data", {}).get("name")
     opt = cfg.get("optimizer", {}).get("name", "xsam")
     print(f"  config    {model} on {data} with {opt}")
     for key in ("created_at", "started_at", "finished_at"):
-        if job.get(key):
-            print(f"  {key.removesuffix('_at'):9} {job[key]}")
-    for name, point in sorted((job.get("latest_metrics") or {}).items()):
-        print(f"  {name:28} {point['value']:.6g}  (step {point['step']})")
-    if job.get("error"):
-        print(f"  error     {job['error']['type']}: {job['error']['message']}")
+        if when := getattr(job, key):
+            print(f"  {key.removesuffix('_at'):9} {iso_time(when)}")
+    for name, point in sorted(job.latest_metrics.items()):
+        print(f"  {name:28} {point.value:.6g}  (step {point.step})")
+    if job.error:
+        print(f"  error     {job.error.type}: {job.error.message}")
     for line in environment_lines(api, job):
         print(f"  {line}")
     return 0
 
 
-def environment_lines(api, job: dict[str, Any]) -> list[str]:
+def environment_lines(api, job: JobPublic) -> list[str]:
     """The latest attempt's run environment (its ``environment`` events), as text."""
     envs: list[dict[str, Any]] = []
     after = 0
     while True:
-        page = api.events(job["id"], after=after, limit=1000, type="environment")
-        envs += [e["data"] for e in page["items"] if e.get("data")]
-        if not page["items"]:
+        page = api.events(job.id, after=after, limit=1000, type=EventType.ENVIRONMENT)
+        envs += [e.data for e in page.items if e.data]
+        if not page.items:
             break
-        after = page["next_after"]
+        after = page.next_after
     if not envs:
         return []
     attempt = max(e.get("attempt") or 0 for e in envs)
@@ -206,77 +207,75 @@ def watch(api, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     bar = None
-    job = api.get_job(args.job_id)
-    while True:
-        p = job.get("progress") or {}
-        if bar is None and job["status"] == "queued":
-            print(f"job {job['id']}: queued (position {job.get('queue_position')})",
-                  file=sys.stderr)  # fmt: skip
-        if bar is None and p.get("steps"):
-            bar = tqdm(total=p["steps"], unit="step", desc=f"job {job['id']}", file=sys.stderr)
+
+    def show(job: JobPublic) -> None:
+        nonlocal bar
+        p = job.progress or Progress()
+        if bar is None and job.status is JobStatus.QUEUED:
+            print(f"job {job.id}: queued (position {job.queue_position})", file=sys.stderr)
+        if bar is None and p.steps:
+            bar = tqdm(total=p.steps, unit="step", desc=f"job {job.id}", file=sys.stderr)
         if bar is not None:
-            bar.n = min(int(p.get("step") or 0), bar.total)
+            bar.n = min(p.step or 0, bar.total or 0)
             bar.set_postfix(_postfix(job, p), refresh=False)
             bar.refresh()
-        if job["status"] in TERMINAL:
-            break
-        time.sleep(args.interval)
-        job = api.get_job(args.job_id)
+
+    job = api.wait_for_job(args.job_id, poll_s=args.interval, on_poll=show)
     if bar is not None:
-        if job["status"] == "succeeded":
-            bar.n = bar.total
+        if job.status is JobStatus.SUCCEEDED:
+            bar.n = bar.total or 0
             bar.refresh()
         bar.close()
-    message = f"job {job['id']} {job['status']}"
-    if job.get("error"):
-        message += f": {job['error']['type']}: {job['error']['message']}"
-    latest = job.get("latest_metrics") or {}
-    shown = [f"{k} {latest[k]['value']:.4f}" for k in ("val/acc", "test/acc") if k in latest]
+    message = f"job {job.id} {job.status}"
+    if job.error:
+        message += f": {job.error.type}: {job.error.message}"
+    latest = job.latest_metrics
+    shown = [f"{k} {latest[k].value:.4f}" for k in ("val/acc", "test/acc") if k in latest]
     if shown:
         message += f" ({', '.join(shown)})"
     print(message)
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job.status is JobStatus.SUCCEEDED else 1
 
 
-def _postfix(job: dict[str, Any], p: dict[str, Any]) -> dict[str, str]:
-    latest = job.get("latest_metrics") or {}
+def _postfix(job: JobPublic, p: Progress) -> dict[str, str]:
+    latest = job.latest_metrics
     post = {}
-    if p.get("epoch") is not None:
-        post["epoch"] = f"{p['epoch']}/{p.get('epochs')}"
+    if p.epoch is not None:
+        post["epoch"] = f"{p.epoch}/{p.epochs}"
     for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("val/acc", "val_acc"),
                        ("test/acc", "test_acc"), ("xsam/alpha", "α")):  # fmt: skip
         if key in latest:
-            post[label] = f"{latest[key]['value']:.4g}"
+            post[label] = f"{latest[key].value:.4g}"
     return post
 
 
 def metrics(api, args: argparse.Namespace) -> int:
     names = [n for n in args.names.split(",") if n] if args.names else None
-    series = api.metrics(args.job_id, names=names, max_points=args.max_points)["series"]
+    series = api.metrics(args.job_id, names=names, max_points=args.max_points).series
     if args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["name", "step", "epoch", "value"])
         for name, points in sorted(series.items()):
             for pt in points:
-                writer.writerow([name, pt["step"], pt.get("epoch", ""), pt["value"]])
+                writer.writerow([name, pt.step, pt.epoch, pt.value])
         return 0
     if not series:
         print(f"job {args.job_id}: no metrics yet", file=sys.stderr)
         return 0
     for name, points in sorted(series.items()):
         last = points[-1]
-        values = [pt["value"] for pt in points]
-        print(f"{name:30} {len(points):5} points  last {last['value']:.6g} (step {last['step']})"
+        values = [pt.value for pt in points]
+        print(f"{name:30} {len(points):5} points  last {last.value:.6g} (step {last.step})"
               f"  min {min(values):.6g}  max {max(values):.6g}")  # fmt: skip
     return 0
 
 
 def cancel(api, args: argparse.Namespace) -> int:
     job = api.cancel(args.job_id)
-    if job["status"] == "cancelled":
-        print(f"job {job['id']} cancelled")
+    if job.status is JobStatus.CANCELLED:
+        print(f"job {job.id} cancelled")
     else:
-        print(f"job {job['id']}: cancel requested; it stops within seconds")
+        print(f"job {job.id}: cancel requested; it stops within seconds")
     return 0
 
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from xsam.records import EventRecord, FitEvent, FitRecord, MetricsRecord
+
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("config", help="TrainConfig file (.yaml, .yml or .json)")
@@ -54,13 +56,13 @@ class _Recorder:
                 if self.metrics_file.tell() == 0:
                     self.csv_writer.writerow(["step", "epoch", "name", "value"])
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: FitRecord) -> None:
         if record["kind"] == "metrics":
             self._metrics(record)
         else:
             self._event(record)
 
-    def _metrics(self, record: dict[str, Any]) -> None:
+    def _metrics(self, record: MetricsRecord) -> None:
         self.latest.update(record["values"])
         for name, value in record["values"].items():
             if self.csv_writer is not None:
@@ -70,7 +72,7 @@ class _Recorder:
                 self.metrics_file.write(json.dumps({**row, "value": value}) + "\n")
         if self.bar is not None:
             self.bar.n = record["step"]
-            post = {"epoch": record["epoch"]}
+            post: dict[str, object] = {"epoch": record["epoch"]}
             for key, label in (("train/loss", "loss"), ("train/acc", "acc"), ("xsam/alpha", "α")):
                 if key in self.latest:
                     post[label] = f"{self.latest[key]:.4g}"
@@ -80,11 +82,11 @@ class _Recorder:
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
 
-    def _event(self, record: dict[str, Any]) -> None:
+    def _event(self, record: EventRecord) -> None:
         if self.events_file is not None:
             self.events_file.write(json.dumps(record, default=str) + "\n")
             self.events_file.flush()
-        if record["type"] == "started" and self.progress:
+        if record["type"] == FitEvent.STARTED and self.progress:
             from tqdm import tqdm
 
             data = record["data"]
@@ -101,24 +103,25 @@ class _Recorder:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xsam.config import ConfigError, describe_errors, load_config
+    from pydantic import ValidationError
+
+    from xsam.config import load_config, locate_error
+    from xsam.errors import ConfigurationError
 
     try:
         config = load_config(args.config)
         if args.epochs is not None:
             config.schedule.epochs = args.epochs
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # pydantic's ValidationError from the --epochs override
-        errors = describe_errors(exc) if hasattr(exc, "errors") else [str(exc)]
-        print(
-            "error: --epochs: " + "; ".join(e.split(": ", 1)[-1] for e in errors), file=sys.stderr
-        )
+    except ValidationError as exc:  # the --epochs override, validated on assignment
+        reasons = (locate_error(e["loc"], e["msg"])[1] for e in exc.errors())
+        print("error: --epochs: " + "; ".join(reasons), file=sys.stderr)
         return 2
 
     # Imported only now: `xsam train --help` and config errors need no torch.
-    from xsam.errors import ConfigurationError, XsamError
+    from xsam.errors import XsamError
     from xsam.training import fit
 
     out = Path(args.out) if args.out else None

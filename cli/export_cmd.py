@@ -27,7 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from xsam.cli import jobs_cmd
+from cli import jobs_cmd
+from service.contract import JobPublic, JobStatus, MetricsPublic
 
 #: The most points the metrics endpoint returns undownsampled in one response.
 MAX_POINTS = 100_000
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def raw_series(api, job_id: int) -> dict[str, list[dict[str, Any]]]:
     """Every point of every series of the job, undownsampled, in step order."""
-    overview = api.metrics(job_id, max_points=MAX_POINTS)["series"]
+    overview = _as_json(api.metrics(job_id, max_points=MAX_POINTS))
     out: dict[str, list[dict[str, Any]]] = {}
     for name, points in overview.items():
         if not points or "count" not in points[0]:
@@ -70,11 +71,18 @@ def raw_series(api, job_id: int) -> dict[str, list[dict[str, Any]]]:
             continue
         out[name] = []
         for since, until in _windows(points):
-            window = api.metrics(
-                job_id, names=[name], since_step=since, until_step=until, max_points=MAX_POINTS
-            )["series"].get(name, [])
+            window = _as_json(
+                api.metrics(
+                    job_id, names=[name], since_step=since, until_step=until, max_points=MAX_POINTS
+                )
+            ).get(name, [])
             out[name].extend(window)
     return out
+
+
+def _as_json(page: MetricsPublic) -> dict[str, list[dict[str, Any]]]:
+    # The files hold the points as the API sends them (times as ISO text).
+    return {name: [p.model_dump(mode="json") for p in pts] for name, pts in page.series.items()}
 
 
 def _windows(buckets: list[dict[str, Any]]) -> Iterator[tuple[int, int]]:
@@ -93,16 +101,10 @@ def _windows(buckets: list[dict[str, Any]]) -> Iterator[tuple[int, int]]:
         yield start, last
 
 
-def _jobs(api, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _jobs(api, args: argparse.Namespace) -> list[JobPublic]:
     if args.study is None:
         return [api.get_job(args.job_id)]
-    jobs, cursor = [], None
-    while True:
-        page = api.list_jobs(study=args.study, limit=200, cursor=cursor)
-        jobs += page["items"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return sorted(jobs, key=lambda j: j["id"])
+    return sorted(api.iter_jobs(study=args.study, page_size=200), key=lambda j: j.id)
 
 
 def _safe(name: str) -> str:
@@ -113,8 +115,8 @@ def export(api, args: argparse.Namespace) -> int:
     jobs = _jobs(api, args)
     if args.format == "mlflow":
         for job in jobs:
-            run_id = write_mlflow(args.dest, args.experiment, job, raw_series(api, job["id"]))
-            print(f"job {job['id']}: MLflow run {run_id}")
+            run_id = write_mlflow(args.dest, args.experiment, job, raw_series(api, job.id))
+            print(f"job {job.id}: MLflow run {run_id}")
         return 0
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -124,20 +126,18 @@ def export(api, args: argparse.Namespace) -> int:
             writer = csv.writer(f)
             writer.writerow(["job_id", "cell", "seed", "name", "step", "epoch", "value", "time"])
             for job in jobs:
-                for name, points in sorted(raw_series(api, job["id"]).items()):
+                for name, points in sorted(raw_series(api, job.id).items()):
                     for p in points:
-                        writer.writerow([job["id"], job.get("cell") or "", job["config"].get("seed"),
+                        writer.writerow([job.id, job.cell or "", job.config.get("seed"),
                                          name, p["step"], p.get("epoch") if p.get("epoch") is not None else "",
                                          repr(p["value"]), p.get("time") or ""])  # fmt: skip
         print(f"wrote {path}")
         return 0
     for job in jobs:
-        run_dir = dest / f"job-{job['id']}"
+        run_dir = dest / f"job-{job.id}"
         if args.study is not None:
-            run_dir = (
-                dest / f"study-{args.study}" / _safe(job.get("cell") or "") / f"job-{job['id']}"
-            )
-        write_tensorboard(run_dir, raw_series(api, job["id"]))
+            run_dir = dest / f"study-{args.study}" / _safe(job.cell or "") / f"job-{job.id}"
+        write_tensorboard(run_dir, raw_series(api, job.id))
         print(f"wrote {run_dir}")
     return 0
 
@@ -190,7 +190,7 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def write_mlflow(
-    tracking_uri: str, experiment: str, job: dict[str, Any], series: dict[str, list[dict]]
+    tracking_uri: str, experiment: str, job: JobPublic, series: dict[str, list[dict]]
 ) -> str:
     """One MLflow run for the job; returns its run id."""
     try:
@@ -203,13 +203,13 @@ def write_mlflow(
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"xsam.job_id": str(job["id"]), "xsam.status": job["status"]}
-    if job.get("study_id") is not None:
-        tags.update({"xsam.study_id": str(job["study_id"]), "xsam.cell": job.get("cell") or ""})
-    run = client.create_run(experiment_id, run_name=job.get("name") or f"job-{job['id']}",
+    tags = {"xsam.job_id": str(job.id), "xsam.status": str(job.status)}
+    if job.study_id is not None:
+        tags.update({"xsam.study_id": str(job.study_id), "xsam.cell": job.cell or ""})
+    run = client.create_run(experiment_id, run_name=job.name or f"job-{job.id}",
                             tags=tags)  # fmt: skip
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in sorted(_flatten(job.get("config") or {}).items())]
+    params = [Param(k, v) for k, v in sorted(_flatten(job.config).items())]
     for i in range(0, len(params), 100):  # MLflow's limit on parameters per batch
         client.log_batch(run_id, params=params[i : i + 100])
     metrics = [
@@ -219,6 +219,7 @@ def write_mlflow(
     ]
     for i in range(0, len(metrics), 1000):  # MLflow's limit on metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    status = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
-    client.set_terminated(run_id, status.get(job["status"], "FINISHED"))
+    status = {JobStatus.SUCCEEDED: "FINISHED", JobStatus.FAILED: "FAILED",
+              JobStatus.CANCELLED: "KILLED"}  # fmt: skip
+    client.set_terminated(run_id, status.get(job.status, "FINISHED"))
     return run_id

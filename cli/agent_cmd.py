@@ -66,7 +66,7 @@ def build_agent(
     agent_id: str = "",
     max_failures: int = 1,
     warm_actors: int = 2,
-):  # type: ignore[no-untyped-def]
+):
     """The `Agent` the command runs; `xsam serve` builds its embedded agent with it too."""
     from worker.agent import Agent, AgentSettings
     from worker.ray_run import RunSettings
@@ -94,7 +94,7 @@ def build_agent(
 def stop_on_signals(stop: threading.Event) -> None:
     """SIGINT/SIGTERM set ``stop``; a second SIGINT exits at once."""
 
-    def handler(signum, frame):  # type: ignore[no-untyped-def]
+    def handler(signum, frame):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         print(f"xsam: {signal.Signals(signum).name}: stopping jobs with a checkpoint…",

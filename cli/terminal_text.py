@@ -9,7 +9,11 @@ except tab and newline (and the bidi controls) is shown as an escape (``\\x1b``)
 from __future__ import annotations
 
 import re
+from datetime import datetime
+from enum import Enum
 from typing import Any
+
+from pydantic import BaseModel
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -20,7 +24,14 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def escape_controls(value: Any) -> Any:
-    """`value` (text, or JSON made of dicts and lists) with control characters escaped."""
+    """`value` (text, a contract model, or JSON made of dicts and lists) with control
+    characters escaped; enum members (statuses, roles) are kept as they are."""
+    if isinstance(value, Enum):
+        return value
+    if isinstance(value, BaseModel):
+        # No validation: an escape may lengthen a text past the field's wire limit.
+        fields = {name: escape_controls(getattr(value, name)) for name in type(value).model_fields}
+        return type(value).model_construct(value.model_fields_set, **fields)
     if isinstance(value, str):
         return _CONTROL.sub(_escape, value)
     if isinstance(value, dict):
@@ -45,3 +56,9 @@ class EscapedClient:
             return escape_controls(method(*args, **kwargs))
 
         return call
+
+
+def iso_time(time: datetime) -> str:
+    """`time` as the API's JSON writes it (ISO 8601, ``Z`` for UTC)."""
+    text = time.isoformat()
+    return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text

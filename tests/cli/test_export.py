@@ -9,8 +9,8 @@ import shutil
 import pytest
 from service_support import ADMIN_SECRET, CONFIG
 
+from cli import export_cmd, main
 from service.client import XsamClient
-from xsam.cli import export_cmd, main
 
 
 @pytest.fixture
@@ -19,16 +19,16 @@ def finished(live_server, monkeypatch):
     # A small window, so that a 120-point series is read back in several undownsampled parts.
     monkeypatch.setattr(export_cmd, "MAX_POINTS", 50)
     admin = XsamClient(live_server.url, ADMIN_SECRET)
-    token = admin.create_token("erin")["token"]
+    token = admin.create_token("erin").token
     user = XsamClient(live_server.url, token)
-    agent = XsamClient(live_server.url, admin.create_token("box", "agent")["token"])
+    agent = XsamClient(live_server.url, admin.create_token("box", "agent").token)
     study = user.submit_study({
         "base": CONFIG, "seeds": [3], "baseline": "sgd",
         "arms": [{"name": "sgd", "set": {"optimizer.name": "sgd"}},
                  {"name": "xsam", "set": {"optimizer.name": "xsam"}}],
     })  # fmt: skip
     while (claimed := agent.claim("a1", 4, 0)) is not None:
-        job_id, lease = claimed["job"]["id"], claimed["lease"]["lease_token"]
+        job_id, lease = claimed.job.id, claimed.lease.lease_token
         points = [{"name": "train/loss", "step": s, "value": 1 / 3 + 1e-12 * s + job_id,
                    "epoch": s // 40} for s in range(1, 121)]  # fmt: skip
         points += [{"name": "val/acc", "step": 40 * e, "value": 0.1 * e, "epoch": e}
@@ -36,13 +36,13 @@ def finished(live_server, monkeypatch):
         points += [{"name": "xsam/alpha", "step": 7, "value": 0.123456789012345}]
         agent.ingest_metrics(job_id, lease, points)
         agent.finish(job_id, lease, "succeeded")
-    jobs = user.list_jobs(study=study["id"])["items"]
-    return live_server.url, token, user, study["id"], sorted(j["id"] for j in jobs)
+    jobs = user.list_jobs(study=study.id).items
+    return live_server.url, token, user, study.id, sorted(j.id for j in jobs)
 
 
 def _raw(user, job_id):
-    series = user.metrics(job_id, max_points=100_000)["series"]
-    return {name: [(p["step"], p["value"]) for p in pts] for name, pts in series.items()}
+    series = user.metrics(job_id, max_points=100_000).series
+    return {name: [(p.step, p.value) for p in pts] for name, pts in series.items()}
 
 
 def test_tensorboard_event_files_read_back_equal_to_the_apis_raw_points(finished, tmp_path):

@@ -56,7 +56,7 @@ def xsam(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[
     environ = {k: v for k, v in os.environ.items() if not k.startswith("XSAM_")}
     environ.update({"XSAM_DATA_DIR": str(data_dir), **env})
     return subprocess.run(
-        [sys.executable, "-m", "xsam", *args], env=environ, capture_output=True, text=True,
+        [sys.executable, "-m", "cli", *args], env=environ, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.terminal_text import iso_time
+from service.contract import Role
+
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = sub.add_parser("create", help="create a token and print its secret (shown once)")
     create.add_argument("--name", required=True, help="the owner name jobs submitted with it carry")
-    create.add_argument("--role", choices=["user", "agent", "admin"], default="user")
+    create.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
     listing = sub.add_parser("list", help="list tokens (never their secrets)")
     revoke = sub.add_parser("revoke", help="revoke a token by id (immediate)")
     revoke.add_argument("token_id", type=int)
@@ -39,15 +42,15 @@ def run(args: argparse.Namespace) -> int:
         with XsamClient(server, token) as api:
             if args.token_command == "create":
                 created = api.create_token(args.name, args.role)
-                print(created["token"])
+                print(created.token)
                 print(
-                    f"token {created['id']} ({created['role']}) for {created['name']}",
+                    f"token {created.id} ({created.role}) for {created.name}",
                     file=sys.stderr,
                 )
             elif args.token_command == "list":
                 for t in api.list_tokens():
-                    state = "revoked" if t["revoked_at"] else "active"
-                    print(f"{t['id']}\t{t['name']}\t{t['role']}\t{state}\t{t['created_at']}")
+                    state = "revoked" if t.revoked_at else "active"
+                    print(f"{t.id}\t{t.name}\t{t.role}\t{state}\t{iso_time(t.created_at)}")
             else:
                 api.revoke_token(args.token_id)
                 print(f"token {args.token_id} revoked", file=sys.stderr)

@@ -4,22 +4,38 @@ and their one-line errors when the service is unreachable or refuses."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 import service.client
-from xsam.cli import main
+from cli import main
+from service.contract import (
+    EventPublic,
+    EventsPublic,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    MetricPoint,
+    MetricsPublic,
+    Progress,
+)
 
-JOB = {
-    "id": 4, "name": "demo", "owner": "admin", "status": "running", "attempt": 1,
-    "max_attempts": 3, "tags": [], "priority": 0, "created_at": "2026-01-01T00:00:00Z",
-    "started_at": None, "finished_at": None, "error": None, "queue_position": None,
-    "cancel_requested": False,
-    "config": {"model": {"name": "cnn1d"}, "data": {"name": "mnist1d"}, "optimizer": {"name": "xsam"}},
-    "progress": {"epoch": 2, "epochs": 3, "step": 20, "steps": 30},
-    "latest_metrics": {"train/loss": {"step": 20, "value": 0.5, "epoch": 2, "time": "t"}},
-}  # fmt: skip
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# Built from the contract's models, so the stand-in cannot drift from what the server sends.
+JOB = JobPublic(
+    id=4, name="demo", owner="admin", status=JobStatus.RUNNING, attempt=1, max_attempts=3,
+    tags=[], priority=0, created_at=T0, started_at=None, finished_at=None, error=None,
+    queue_position=None, cancel_requested=False,
+    config={"model": {"name": "cnn1d"}, "data": {"name": "mnist1d"}, "optimizer": {"name": "xsam"}},
+    progress=Progress(epoch=2, epochs=3, step=20, steps=30),
+    latest_metrics={"train/loss": MetricPoint(step=20, value=0.5, epoch=2, time=T0)},
+)  # fmt: skip
+
+
+def reply(model, code: int = 200, **update) -> httpx.Response:
+    return httpx.Response(code, json=model.model_copy(update=update).model_dump(mode="json"))
 
 
 @pytest.fixture
@@ -33,25 +49,26 @@ def fake_api(monkeypatch):
         path = request.url.path
         if path == "/v1/jobs" and request.method == "POST":
             body = json.loads(request.content)
-            return httpx.Response(201, json={**JOB, "status": "queued", "config": body["config"],
-                                             "queue_position": 1})  # fmt: skip
+            return reply(JOB, 201, status=JobStatus.QUEUED, config=body["config"],
+                         queue_position=1)  # fmt: skip
         if path == "/v1/jobs":
-            return httpx.Response(200, json={"items": [JOB], "next_cursor": None})
+            return reply(JobsPublic(items=[JOB], next_cursor=None))
         if path == "/v1/jobs/4":
             state["polls"] += 1
-            status = "succeeded" if state["polls"] > 2 else "running"
-            return httpx.Response(200, json={**JOB, "status": status})
+            status = JobStatus.SUCCEEDED if state["polls"] > 2 else JobStatus.RUNNING
+            return reply(JOB, status=status)
         if path == "/v1/jobs/4/metrics":
-            points = [{"step": s, "value": 1.0 / s, "epoch": 1, "time": "t"} for s in (1, 2)]
-            return httpx.Response(200, json={"job_id": 4, "series": {"train/loss": points}})
+            points = [MetricPoint(step=s, value=1.0 / s, epoch=1, time=T0) for s in (1, 2)]
+            return reply(MetricsPublic(job_id=4, series={"train/loss": points}))
         if path == "/v1/jobs/4/events":
             assert request.url.params["type"] == "environment"
             after = int(request.url.params["after"])
-            items = [{"id": 9, "time": "t", "type": "environment", "message": "",
-                      "data": {"attempt": 1, "rank": r, "host": f"node-{r}", "python": "3.11.7",
-                               "torch": "2.13.0", "ray": "2.60.0", "gpu": None, "gpus": 0}}
+            items = [EventPublic(id=9, time=T0, type="environment", message="",
+                                 data={"attempt": 1, "rank": r, "host": f"node-{r}",
+                                       "python": "3.11.7", "torch": "2.13.0", "ray": "2.60.0",
+                                       "gpu": None, "gpus": 0})
                      for r in (1, 0)] if after == 0 else []  # fmt: skip
-            return httpx.Response(200, json={"items": items, "next_after": 9})
+            return reply(EventsPublic(items=items, next_after=9))
         if path == "/v1/jobs/4/cancel":
             return httpx.Response(409, json={"detail": "job 4 has already finished", "code": "job_finished"})  # fmt: skip
         return httpx.Response(

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-# command → (module under xsam.cli, one-line help)
+# command → (module under cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve_cmd", "run the API (+ a local Ray instance and an agent, unless --no-agent)"),
     "agent": ("agent_cmd", "run an agent: claim jobs from a server and run them on Ray"),
@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _module(command: str):
-    return importlib.import_module(f"xsam.cli.{COMMANDS[command][0]}")
+    return importlib.import_module(f"cli.{COMMANDS[command][0]}")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`xsam study submit|list|status|compare|cancel`: studies (arms × grid × seeds) over the REST API.
 
-Like the job commands (xsam/cli/jobs_cmd.py): everything goes through `service.client`, errors
+Like the job commands (cli/jobs_cmd.py): everything goes through `service.client`, errors
 are one line on stderr (exit 1 for a service error, 2 for a usage or file error, 3 when the
 service cannot be reached).
 """
@@ -12,12 +12,14 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xsam.cli.jobs_cmd import _err, _schema_errors
+from cli.jobs_cmd import _err, _schema_errors
+from service.contract import TERMINAL, JobStatus, Stat, StudyPublic, StudyStatus
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = tuple(JobStatus)
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -83,7 +85,7 @@ def load_study(path: str | Path) -> dict[str, Any]:
     return spec
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -96,47 +98,36 @@ def submit(api, args: argparse.Namespace) -> int:
         _err("study submit", str(exc).replace("\n", " "))
         return 2
     study = api.submit_study(spec)
-    print(study["id"])
-    jobs = sum(len(c["job_ids"]) for c in study["cells"])
-    print(f"study {study['id']}: {len(study['cells'])} cells × {len(study['seeds'])} seeds = "
+    print(study.id)
+    jobs = sum(len(c.job_ids) for c in study.cells)
+    print(f"study {study.id}: {len(study.cells)} cells × {len(study.seeds)} seeds = "
           f"{jobs} jobs queued", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def list_studies(api, args: argparse.Namespace) -> int:
     rows = [("ID", "STATUS", "NAME", "CELLS", "SEEDS", "DONE", "CREATED")]
-    for s in api.list_studies(limit=args.limit)["items"]:
-        c = s["counts"]
-        done = c["succeeded"] + c["failed"] + c["cancelled"]
-        rows.append((str(s["id"]), s["status"], s.get("name") or "-", str(len(s["cells"])),
-                     str(len(s["seeds"])), f"{done}/{sum(c.values())}",
-                     (s.get("created_at") or "")[:19]))  # fmt: skip
+    for s in api.list_studies(limit=args.limit).items:
+        c = s.counts.model_dump()
+        done = sum(c[status] for status in TERMINAL)
+        rows.append((str(s.id), s.status, s.name or "-", str(len(s.cells)),
+                     str(len(s.seeds)), f"{done}/{sum(c.values())}",
+                     s.created_at.isoformat()[:19]))  # fmt: skip
     _table(rows)
     return 0
 
 
-def _study_jobs(api, study_id: int) -> list[dict[str, Any]]:
-    jobs, cursor = [], None
-    while True:
-        page = api.list_jobs(study=study_id, limit=200, cursor=cursor)
-        jobs += page["items"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return jobs
-
-
-def _status_table(api, study: dict[str, Any]) -> None:
-    jobs = _study_jobs(api, study["id"])
-    counts: dict[str, dict[str, int]] = {
-        c["key"]: dict.fromkeys(STATUSES, 0) for c in study["cells"]
-    }
-    acc: dict[str, list[float]] = {c["key"]: [] for c in study["cells"]}
+def _status_table(api, study: StudyPublic) -> None:
+    jobs = api.iter_jobs(study=study.id, page_size=200)
+    counts: dict[str, dict[str, int]] = {c.key: dict.fromkeys(STATUSES, 0) for c in study.cells}
+    acc: dict[str, list[float]] = {c.key: [] for c in study.cells}
     for job in jobs:
-        counts[job["cell"]][job["status"]] += 1
-        latest = (job.get("latest_metrics") or {}).get("test/acc")
+        cell = job.cell or ""
+        counts[cell][job.status] += 1
+        latest = job.latest_metrics.get("test/acc")
         if latest is not None:
-            acc[job["cell"]].append(latest["value"])
-    print(f"study {study['id']}  {study.get('name') or ''}  {study['status']}".rstrip())
+            acc[cell].append(latest.value)
+    print(f"study {study.id}  {study.name or ''}  {study.status}".rstrip())
     rows = [("CELL", *(s.upper() for s in STATUSES), "TEST/ACC (latest, mean)")]
     for key, c in counts.items():
         mean = f"{sum(acc[key]) / len(acc[key]):.4f}" if acc[key] else "-"
@@ -147,22 +138,22 @@ def _status_table(api, study: dict[str, Any]) -> None:
 def status(api, args: argparse.Namespace) -> int:
     study = api.get_study(args.study_id)
     if args.json:
-        print(json.dumps(study, indent=2))
+        print(json.dumps(study.model_dump(mode="json"), indent=2))
         return 0
     while True:
         _status_table(api, study)
-        if not args.watch or study["status"] != "running":
+        if not args.watch or study.status is not StudyStatus.RUNNING:
             return 0
         time.sleep(args.interval)
         study = api.get_study(args.study_id)
         print()
 
 
-def _ms(stat: dict[str, Any] | None) -> str:
-    if not stat or stat.get("mean") is None:
+def _ms(stat: Stat | None) -> str:
+    if stat is None or stat.mean is None:
         return "-"
-    sd = stat.get("sd")
-    return f"{stat['mean']:.4f} ± {sd:.4f}" if sd is not None else f"{stat['mean']:.4f}"
+    sd = stat.sd
+    return f"{stat.mean:.4f} ± {sd:.4f}" if sd is not None else f"{stat.mean:.4f}"
 
 
 def _g(value: float | None, fmt: str = ".3g") -> str:
@@ -173,26 +164,23 @@ def compare(api, args: argparse.Namespace) -> int:
     summary = api.study_summary(args.study_id, metric=args.metric, mode=args.mode,
                                 target=args.target)  # fmt: skip
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary.model_dump(mode="json"), indent=2))
         return 0
     header = ["cell", "n", "final_mean", "final_sd", "final_ci95", "best_mean", "best_sd",
               "last5_mean", "last5_sd", "wall_s_mean", "baseline", "n_pairs", "final_diff",
               "final_t", "final_p", "final_wins", "alpha_final", "alpha_edge_share",
               "target_reached", "target_steps_mean", "target_wall_s_mean"]  # fmt: skip
     records = []
-    for c in summary["cells"]:
-        vs = c.get("vs_baseline") or {}
-        pair = vs.get("final") or {}
-        alpha = c.get("alpha") or {}
-        tt = c.get("to_target") or {}
+    for c in summary.cells:
+        vs, alpha, tt = c.vs_baseline, c.alpha, c.to_target
+        pair = vs.final if vs else None
         records.append([
-            c["key"], c["n"], c["final"]["mean"], c["final"]["sd"], c["final"]["ci95"],
-            c["best"]["mean"], c["best"]["sd"], c["last5"]["mean"], c["last5"]["sd"],
-            c["wall_s"]["mean"], vs.get("baseline_key"), vs.get("n_pairs"),
-            pair.get("mean_diff"), pair.get("t"), pair.get("p"), pair.get("wins"),
-            (alpha.get("final") or {}).get("mean"), alpha.get("edge_share"),
-            tt.get("reached"), (tt.get("steps") or {}).get("mean"),
-            (tt.get("wall_s") or {}).get("mean"),
+            c.key, c.n, c.final.mean, c.final.sd, c.final.ci95,
+            c.best.mean, c.best.sd, c.last5.mean, c.last5.sd,
+            c.wall_s.mean, vs and vs.baseline_key, vs and vs.n_pairs,
+            pair and pair.mean_diff, pair and pair.t, pair and pair.p, pair and pair.wins,
+            alpha and alpha.final.mean, alpha and alpha.edge_share,
+            tt and tt.reached, tt and tt.steps.mean, tt and tt.wall_s.mean,
         ])  # fmt: skip
     if args.csv:
         writer = csv.writer(sys.stdout)
@@ -200,21 +188,20 @@ def compare(api, args: argparse.Namespace) -> int:
         for r in records:
             writer.writerow(["" if v is None else v for v in r])
         return 0
-    print(f"{summary['metric']} ({summary['mode']}), mean ± sd over seeds; "
+    print(f"{summary.metric} ({summary.mode}), mean ± sd over seeds; "
           f"Δ and p: paired by seed against the baseline")  # fmt: skip
     rows = [("CELL", "N", "FINAL", "BEST", "LAST5", "WALL_S", "ΔFINAL", "P", "WINS", "α")]
-    for c in summary["cells"]:
-        vs = c.get("vs_baseline")
-        pair = vs["final"] if vs else None
-        alpha = c.get("alpha")
+    for c in summary.cells:
+        vs, alpha = c.vs_baseline, c.alpha
+        pair = vs.final if vs else None
         rows.append((
-            c["key"], str(c["n"]), _ms(c["final"]), _ms(c["best"]), _ms(c["last5"]),
-            _g(c["wall_s"]["mean"], ".1f"),
-            _g(pair["mean_diff"], "+.4f") if pair else "-",
-            _g(pair["p"]) if pair else "-",
-            f"{pair['wins']}/{vs['n_pairs']}" if pair else "-",
-            f"{_g(alpha['final']['mean'])} (edge {_g(alpha['edge_share'], '.0%')})"
-            if alpha and alpha["searches"] else "-",
+            c.key, str(c.n), _ms(c.final), _ms(c.best), _ms(c.last5),
+            _g(c.wall_s.mean, ".1f"),
+            _g(pair.mean_diff, "+.4f") if pair else "-",
+            _g(pair.p) if pair else "-",
+            f"{pair.wins}/{vs.n_pairs}" if pair and vs else "-",
+            f"{_g(alpha.final.mean)} (edge {_g(alpha.edge_share, '.0%')})"
+            if alpha and alpha.searches else "-",
         ))  # fmt: skip
     _table(rows)
     return 0
@@ -222,9 +209,9 @@ def compare(api, args: argparse.Namespace) -> int:
 
 def cancel(api, args: argparse.Namespace) -> int:
     study = api.cancel_study(args.study_id)
-    c = study["counts"]
-    print(f"study {study['id']} {study['status']}: {c['cancelled']} jobs cancelled"
-          + (f", {c['running']} stopping" if c["running"] else ""))  # fmt: skip
+    c = study.counts
+    print(f"study {study.id} {study.status}: {c.cancelled} jobs cancelled"
+          + (f", {c.running} stopping" if c.running else ""))  # fmt: skip
     return 0
 
 

@@ -7,7 +7,8 @@ import argparse
 import sys
 import time
 
-from xsam.cli import jobs_cmd
+from cli import jobs_cmd
+from service.contract import TERMINAL, LogLinePublic
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -28,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
     return jobs_cmd.run(args)
 
 
-def _line(item: dict, many_ranks: bool) -> str:
-    prefix = f"[a{item['attempt']} r{item['rank']}] " if many_ranks else ""
-    level = f"{item['level']} " if item.get("level") else ""
-    return f"{prefix}{level}{item['text']}"
+def _line(item: LogLinePublic, many_ranks: bool) -> str:
+    prefix = f"[a{item.attempt} r{item.rank}] " if many_ranks else ""
+    level = f"{item.level} " if item.level else ""
+    return f"{prefix}{level}{item.text}"
 
 
 def logs(api, args: argparse.Namespace) -> int:
@@ -40,19 +41,19 @@ def logs(api, args: argparse.Namespace) -> int:
     prefix = args.rank is None or args.attempt is None
     while True:
         # Read the job before the page: once it is terminal, one more drain gets every line.
-        status = api.get_job(args.job_id)["status"] if args.follow else None
+        status = api.get_job(args.job_id).status if args.follow else None
         while True:
             page = api.logs(args.job_id, after=after, **filters)
-            for item in page["items"]:
+            for item in page.items:
                 print(_line(item, prefix))
-            after = page["next_after"]
-            if page["dropped"] > warned:
-                warned = page["dropped"]
+            after = page.next_after
+            if page.dropped > warned:
+                warned = page.dropped
                 print(f"xsam logs: {warned} lines were dropped from the middle of this job's "
                       "log (per-job cap)", file=sys.stderr)  # fmt: skip
-            if not page["items"]:
+            if not page.items:
                 break
         sys.stdout.flush()
-        if not args.follow or status in jobs_cmd.TERMINAL:
+        if not args.follow or status in TERMINAL:
             return 0
         time.sleep(args.interval)

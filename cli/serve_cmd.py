@@ -173,7 +173,7 @@ def _who_answers(url: str) -> str:
     return f": {title!r} (another `xsam serve`?) answers at {url}"
 
 
-def prepare(settings) -> str:  # type: ignore[no-untyped-def]
+def prepare(settings) -> str:
     """Migrate the database and make sure an admin token exists; returns where it is."""
     from service.auth import provision_admin_token
     from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
@@ -204,7 +204,7 @@ def prepare(settings) -> str:  # type: ignore[no-untyped-def]
 
 
 def build_and_run_api(
-    settings,  # type: ignore[no-untyped-def]
+    settings,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
@@ -289,13 +289,13 @@ def run(args: argparse.Namespace) -> int:
     return build_and_run_api(settings, args.host, args.port, args.log_level, args.workers)
 
 
-def _admin_token(settings) -> str:  # type: ignore[no-untyped-def]
+def _admin_token(settings) -> str:
     if settings.admin_token is not None:
         return settings.admin_token.get_secret_value()
     return settings.admin_token_file.read_text().strip()
 
 
-def _ray_temp_dir(settings) -> Path:  # type: ignore[no-untyped-def]
+def _ray_temp_dir(settings) -> Path:
     # Short and per data dir: Ray's unix socket paths must stay under 107 bytes.
     import hashlib
     import os
@@ -304,7 +304,7 @@ def _ray_temp_dir(settings) -> Path:  # type: ignore[no-untyped-def]
     return Path(f"/tmp/xsam-ray-{os.getuid()}-{digest}")
 
 
-def run_embedded(settings, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def run_embedded(settings, args: argparse.Namespace) -> int:
     """The API (uvicorn, in a thread), a local Ray head and an agent, until SIGINT/SIGTERM."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     url = f"http://{args.host}:{args.port}"
@@ -324,15 +324,15 @@ def run_embedded(settings, args: argparse.Namespace) -> int:  # type: ignore[no-
         lock.release()
 
 
-def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.socket) -> int:  # type: ignore[no-untyped-def]
+def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.socket) -> int:
     import threading
     import time
 
     import uvicorn
 
+    from cli.agent_cmd import build_agent, stop_on_signals
     from service.app import create_app
     from worker import local_ray
-    from xsam.cli.agent_cmd import build_agent, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)

@@ -1,5 +1,0 @@
-import sys
-
-from xsam.cli import main
-
-sys.exit(main())
