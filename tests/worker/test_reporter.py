@@ -6,11 +6,13 @@ import threading
 import time
 
 from service.client import ApiError, LeaseLost, ServiceUnreachable
+from service.contract import IngestPublic
 from worker.reporter import Reporter
 
 
 class FakeService:
-    """Records what arrives; fails the first ``down`` calls as unreachable (an outage)."""
+    """Records what arrives; fails the first ``down`` calls as unreachable (an outage). Answers
+    with the contract's models, as `XsamClient` does."""
 
     def __init__(self, down: int = 0, lost_after: int | None = None) -> None:
         self.down = down
@@ -30,20 +32,24 @@ class FakeService:
                 self.down -= 1
                 raise ServiceUnreachable(0, "unreachable", "connection refused")
 
-    def ingest_metrics(self, job_id, lease_token, points):
+    def ingest_metrics(self, job_id, lease_token, points) -> IngestPublic:
         self._call()
+        before = len(self.points)
         for p in points:  # idempotent on (name, step), like the service
             self.points.setdefault((p["name"], p["step"]), p["value"])
-        return {"received": len(points)}
+        return IngestPublic(received=len(points), inserted=len(self.points) - before)
 
-    def ingest_events(self, job_id, lease_token, events):
+    def ingest_events(self, job_id, lease_token, events) -> IngestPublic:
         self._call()
+        before = len(self.events) + len(self.unkeyed)
         for e in events:
             if e.get("key"):
                 self.events.setdefault(e["key"], e)
             else:
                 self.unkeyed.append(e)
-        return {"received": len(events)}
+        return IngestPublic(
+            received=len(events), inserted=len(self.events) + len(self.unkeyed) - before
+        )
 
 
 def metrics(step, epoch=1, **values):
