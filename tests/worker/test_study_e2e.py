@@ -43,7 +43,7 @@ def test_a_small_study_runs_to_finished_with_summary_and_curves(api, tiny_config
     for job in jobs:
         series = api.metrics(job.id, names=["test/acc"]).series["test/acc"]
         cell = sam if job.cell == "sam" else xsam
-        assert cell.per_seed[str(job.config["seed"])]["final"] == series[-1].value
+        assert cell.per_seed[str(job.config["seed"])].final == series[-1].value
     assert sam.vs_baseline is None and xsam.vs_baseline.n_pairs == 2
     # XSAM searched α at the first minibatch of each of its 2 epochs, on both seeds.
     assert sam.alpha is None

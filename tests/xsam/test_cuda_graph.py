@@ -149,7 +149,7 @@ def test_key_changes_with_lr_alpha_and_input_layout_and_nothing_else():
     scheduler.step()  # an epoch's LR step
     after_lr = graph_key(opt, x, y)
     assert after_lr != key
-    opt.alpha = 0.7  # what a search sets
+    opt._searched_alpha = 0.7  # what a search sets (`alpha` is read-only)
     assert graph_key(opt, x, y) != after_lr
     assert graph_key(opt, x[:5], y[:5]) != graph_key(opt, x, y)
     x4 = torch.randn(8, 3, 4, 4)
