@@ -157,9 +157,10 @@ class Metric(Base):
 
     __tablename__ = "metrics"
 
-    job_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    # No foreign key to jobs: every write is fenced by the job's lease in the same statement
+    # (its row is found running and locked), and a per-row key check cost more than the insert
+    # (migration 0007).
+    job_id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     value: Mapped[float] = mapped_column(Float)
@@ -180,9 +181,7 @@ class MetricRollup(Base):
 
     __tablename__ = "metric_rollups"
 
-    job_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[int] = mapped_column(BigId, primary_key=True)  # no key to jobs: see Metric
     level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
