@@ -6,10 +6,11 @@ is its own transaction (no BEGIN, no COMMIT, no separate lease query: one round 
 1. renews the lease of the running job that holds the lease token (an UPDATE that locks the job
    row until the statement commits, so the reaper cannot requeue the job under it, and
    concurrent batches of one job are serialised on that row);
-2. inserts the points from arrays (a plain INSERT: no per-row conflict check);
-3. upserts the batch's rollup rows, computed here in Python from the points (one row per level
-   bucket the batch touches, ~150 for 1000 consecutive steps, merged by the same commutative
-   ON CONFLICT as everywhere else).
+2. inserts the points from binary arrays (service/pg_arrays.py; a plain INSERT: no per-row
+   conflict check, and no foreign key to check per row: migration 0007);
+3. upserts the batch's rollup rows, computed here with numpy (service/metric_rollup_batch.py:
+   one row per level bucket the batch touches: ~150 for 1000 steps of one series), merged by the
+   same commutative ON CONFLICT as everywhere else.
 
 Steps 2 and 3 run only if step 1 found the lease. A batch holding a point already stored (a
 replay) fails step 2 with a unique violation, which rolls the whole statement back; it is then
@@ -23,14 +24,14 @@ the rollup aggregation in SQL and the round trips around the statement were most
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import metric_rollups
+from service import metric_rollups, pg_arrays
+from service.metric_rollup_batch import rollup_columns
 from service.metric_series import PG_INGEST
 from service.queue import JobStatus
 
@@ -96,12 +97,20 @@ assert _GENERAL_SQL.count("lease.now") == 1 and "FROM lease" in _GENERAL_SQL, "P
 _GENERAL = text(_GENERAL_SQL)
 _GENERAL_PARAMS = ("job_id", "lease_token", "lease_s", "names", "steps", "vals", "epochs", "times")
 
-_ROLLUP_COLUMNS = (
-    ("r_levels", "level"), ("r_names", "name"), ("r_buckets", "bucket"), ("r_counts", "count"),
-    ("r_sums", "sum"), ("r_mins", "min"), ("r_maxs", "max"), ("r_first_steps", "first_step"),
-    ("r_last_steps", "last_step"), ("r_last_values", "last_value"),
-    ("r_last_epochs", "last_epoch"), ("r_last_times", "last_time"),
-)  # fmt: skip
+_ROLLUP_ARRAYS = (
+    ("r_levels", "level", pg_arrays.int2),
+    ("r_names", "name", pg_arrays.varchar),
+    ("r_buckets", "bucket", pg_arrays.int8),
+    ("r_counts", "count", pg_arrays.int8),
+    ("r_sums", "sum", pg_arrays.float8),
+    ("r_mins", "min", pg_arrays.float8),
+    ("r_maxs", "max", pg_arrays.float8),
+    ("r_first_steps", "first_step", pg_arrays.int8),
+    ("r_last_steps", "last_step", pg_arrays.int8),
+    ("r_last_values", "last_value", pg_arrays.float8),
+    ("r_last_epochs", "last_epoch", pg_arrays.int4),
+    ("r_last_times", "last_time", pg_arrays.timestamp),
+)
 
 
 def ingest_fenced(
@@ -119,36 +128,32 @@ def ingest_fenced(
     `session` must be on an autocommit connection (the reader of `make_sessionmakers` on
     PostgreSQL): the statement is its own transaction.
     """
-    # The last occurrence of a (name, step) within one batch wins, as a replay would.
-    naive: dict[datetime | None, datetime | None] = {None: None}  # most points share a time
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    for p in points:
-        t = p.get("time")
-        if t is not None and t not in naive:
-            naive[t] = t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
-        rows[p["name"], p["step"]] = {
-            "name": p["name"], "step": p["step"], "value": p["value"], "epoch": p.get("epoch"),
-            "time": naive[t],
-        }  # fmt: skip
-    values = list(rows.values())
-    array = metric_rollups.pg_array
+    names = [p["name"] for p in points]
+    steps = [p["step"] for p in points]
+    if len(set(zip(names, steps, strict=True))) < len(points):
+        # The last occurrence of a (name, step) within one batch wins, as a replay would.
+        points = list({(p["name"], p["step"]): p for p in points}.values())
+        names = [p["name"] for p in points]
+        steps = [p["step"] for p in points]
+    values = [p["value"] for p in points]
+    epochs = [p.get("epoch") for p in points]
+    times = [p.get("time") for p in points]
     params: dict[str, Any] = {
         "job_id": job_id,
         "lease_token": lease_token,
         "lease_s": float(lease_s),
-        "names": array([p["name"] for p in values]),
-        "steps": array([p["step"] for p in values]),
-        "vals": array([p["value"] for p in values]),
-        "epochs": array([p["epoch"] for p in values]),
-        "times": array([p["time"] for p in values]),
+        "names": pg_arrays.varchar(names),
+        "steps": pg_arrays.int8(steps),
+        "vals": pg_arrays.float8(values),
+        "epochs": pg_arrays.int4(epochs),
+        "times": pg_arrays.timestamp(times),
     }
-    rollups = metric_rollups.rollup_rows(job_id, values)
-    rollups.sort(key=lambda r: (r["level"], r["name"], r["bucket"]))  # key order, as elsewhere
-    for key, column in _ROLLUP_COLUMNS:
-        params[key] = array([r[column] for r in rollups])
+    rollups = rollup_columns(names, steps, values, epochs, times)  # in key order
+    for key, column, as_array in _ROLLUP_ARRAYS:
+        params[key] = as_array(rollups[column])
     try:
         held = session.execute(_FAST, params).scalar_one()
-        return len(values) if held else None
+        return len(points) if held else None
     except IntegrityError as exc:
         if getattr(exc.orig, "sqlstate", None) != "23505":  # unique_violation: a replayed point
             raise

@@ -26,18 +26,10 @@ from sqlalchemy import BigInteger, Float, Integer, String, bindparam, select, te
 from sqlalchemy.orm import Session
 
 from service.db.models import Metric, MetricRollup, UTCDateTime
+from service.metric_rollup_batch import COLUMNS as ROLLUP_COLUMNS
+from service.metric_rollup_batch import LEVEL_BITS, LEVELS, SERIES_LEVEL, rollup_columns
 
-#: Each level's buckets are 2**LEVEL_BITS times wider than the one below.
-LEVEL_BITS = 3
-#: Levels 1..LEVELS: buckets of 8 to 8**8 (16.8 M) steps.
-LEVELS = 8
-#: The level holding one row per series.
-SERIES_LEVEL = 0
-
-_COLUMNS = (
-    "job_id", "level", "name", "bucket", "count", "sum", "min", "max",
-    "first_step", "last_step", "last_value", "last_epoch", "last_time",
-)  # fmt: skip
+_COLUMNS = ("job_id", *ROLLUP_COLUMNS)
 
 
 @dataclass
@@ -66,9 +58,6 @@ class Summary:
             self.last_epoch = other.last_epoch
             self.last_time = other.last_time
 
-    def copy(self) -> Summary:
-        return Summary(**self.__dict__)
-
     def bucket_point(self) -> dict[str, Any]:
         """The answer's form of a bucket (as GET /v1/jobs/{id}/metrics returns it)."""
         return {
@@ -86,50 +75,19 @@ class Summary:
 
 
 def rollup_rows(job_id: int, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rollup rows (every level) that `points` — each new to the series — contribute."""
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for p in points:
-        by_name.setdefault(p["name"], []).append(p)
-    rows: list[dict[str, Any]] = []
-    for name, series in sorted(by_name.items()):
-        series.sort(key=lambda p: p["step"])
-        # Level 1 from the points, each next level from the one below (8 × fewer rows each).
-        level: dict[int, Summary] = {}
-        for p in series:
-            b = p["step"] >> LEVEL_BITS
-            s = level.get(b)
-            v = p["value"]
-            if s is None:
-                level[b] = Summary(1, v, v, v, p["step"], p["step"], v, p["epoch"], p["time"])
-            else:  # points come in step order: this one is the bucket's last so far
-                s.count += 1
-                s.sum += v
-                s.min = min(s.min, v)
-                s.max = max(s.max, v)
-                s.last_step, s.last_value = p["step"], v
-                s.last_epoch, s.last_time = p["epoch"], p["time"]
-        for lvl in range(1, LEVELS + 1):
-            rows.extend(_row(job_id, lvl, name, b, s) for b, s in level.items())
-            upper: dict[int, Summary] = {}
-            for b, s in level.items():
-                if b >> LEVEL_BITS in upper:
-                    upper[b >> LEVEL_BITS].merge(s)
-                else:
-                    upper[b >> LEVEL_BITS] = s.copy()
-            level = upper
-        whole = None
-        for s in level.values():
-            if whole is None:
-                whole = s.copy()
-            else:
-                whole.merge(s)
-        if whole is not None:
-            rows.append(_row(job_id, SERIES_LEVEL, name, 0, whole))
-    return rows
-
-
-def _row(job_id: int, level: int, name: str, bucket: int, s: Summary) -> dict[str, Any]:
-    return {"job_id": job_id, "level": level, "name": name, "bucket": bucket, **s.__dict__}
+    """The rollup rows (every level) that `points` — each new to the series, no (name, step)
+    twice — contribute, in key order (level, name, bucket)."""
+    columns = rollup_columns(
+        [p["name"] for p in points],
+        [p["step"] for p in points],
+        [p["value"] for p in points],
+        [p.get("epoch") for p in points],
+        [p.get("time") for p in points],
+    )
+    return [
+        {"job_id": job_id, **dict(zip(ROLLUP_COLUMNS, row, strict=True))}
+        for row in zip(*(columns[c] for c in ROLLUP_COLUMNS), strict=True)
+    ]
 
 
 def upsert_sets(dialect: str) -> str:
@@ -167,9 +125,7 @@ def record(session: Session, job_id: int, new_points: list[dict[str, Any]]) -> N
     """Fold `new_points` (points just inserted, none a replay) into the rollups (SQLite)."""
     if not new_points:
         return
-    rows = rollup_rows(job_id, new_points)
-    # In key order, as PostgreSQL's statement does.
-    rows.sort(key=lambda r: (r["level"], r["name"], r["bucket"]))
+    rows = rollup_rows(job_id, new_points)  # in key order, as PostgreSQL's statement does
     for r in rows:
         r["last_time"] = _naive_utc(r["last_time"])
     session.execute(_UPSERT_SQLITE, rows)
@@ -413,22 +369,3 @@ def rebuild(session: Session, job_id: int) -> None:
             ),
             {"job_id": job_id},
         )
-
-
-def pg_array(values: list[Any]) -> str:
-    """A PostgreSQL array literal of numbers or strings (None: NULL), to bind as one string.
-
-    psycopg dumps a Python list element by element (a regex per element, in Python); a literal
-    built with one join is about ten times cheaper for a batch of a thousand points.
-    """
-    parts = []
-    for v in values:
-        if v is None:
-            parts.append("NULL")
-        elif isinstance(v, str):
-            parts.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"')
-        elif isinstance(v, datetime):
-            parts.append('"' + v.isoformat(sep=" ") + '"')
-        else:
-            parts.append(repr(v))
-    return "{" + ",".join(parts) + "}"

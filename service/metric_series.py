@@ -11,13 +11,13 @@ spike survives in its bucket's ``max``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
-from service import metric_rollups
+from service import metric_rollups, pg_arrays
 from service.db.models import Metric, MetricRollup
 from service.events import dialect_insert
 
@@ -68,7 +68,7 @@ def _insert_sqlite(session: Session, values: list[dict[str, Any]]) -> list[tuple
     return new
 
 
-# One statement per batch: the points travel as five array literals (no per-row parameters),
+# One statement per batch: the points travel as five binary arrays (no per-row parameters),
 # and the points that were new (RETURNING) are rolled up at every level by the same statement.
 PG_INGEST = text(
     f"""
@@ -116,26 +116,16 @@ PG_INGEST = text(
 )
 
 
-def _naive_utc(t: datetime) -> datetime:
-    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
-
-
 def _ingest_postgresql(session: Session, job_id: int, rows: list[dict[str, Any]]) -> int:
-    naive: dict[datetime, datetime] = {}  # most points of a batch share one time
-    for r in rows:
-        t = r["time"]
-        if t not in naive:
-            naive[t] = _naive_utc(t)
-    array = metric_rollups.pg_array
     result = session.execute(
         PG_INGEST,
         {
             "job_id": job_id,
-            "names": array([r["name"] for r in rows]),
-            "steps": array([r["step"] for r in rows]),
-            "vals": array([r["value"] for r in rows]),
-            "epochs": array([r["epoch"] for r in rows]),
-            "times": array([naive[r["time"]] for r in rows]),
+            "names": pg_arrays.varchar([r["name"] for r in rows]),
+            "steps": pg_arrays.int8([r["step"] for r in rows]),
+            "vals": pg_arrays.float8([r["value"] for r in rows]),
+            "epochs": pg_arrays.int4([r["epoch"] for r in rows]),
+            "times": pg_arrays.timestamp([r["time"] for r in rows]),
         },
     )
     return int(result.scalar_one())
