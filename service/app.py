@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import queue
+from service import metrics_body, queue
 from service.body_limit import BodySizeLimit
 from service.db.engine import make_engine, make_sessionmakers, run_in_transaction
 from service.deps import AppState, refuse_unstorable_body
@@ -185,6 +185,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(refuse_unstorable_body)],
     )
     app.state.xsam = state
+    build_openapi = app.openapi
+    # The metrics ingest route parses its own body (service/metrics_body.py): its model joins
+    # the document's components here, once, when the document is first built.
+    app.openapi = lambda: (  # type: ignore[method-assign]
+        app.openapi_schema or metrics_body.document_body(build_openapi())
+    )
     for router in (
         jobs.router,
         studies.router,

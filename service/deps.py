@@ -147,6 +147,8 @@ async def refuse_unstorable_body(request: Request) -> None:
     """
     if request.method not in ("POST", "PUT", "PATCH") or not await request.body():
         return
+    if getattr(request.scope.get("endpoint"), "checks_own_body", False):
+        return  # the route parses and checks its body itself (service/metrics_body.py)
     try:
         body = await request.json()
     except ValueError:

@@ -42,7 +42,7 @@ TAG_PATTERN = r"^[A-Za-z0-9_.:/=+-]+$"
 Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]
 
 
-def _as_utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     # Stored as naive UTC: a time that has no UTC equivalent (year 1 at +05:00) is bad input.
     try:
         return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
@@ -50,7 +50,7 @@ def _as_utc(value: datetime) -> datetime:
         raise ValueError("time is out of range once converted to UTC") from None
 
 
-UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
+UTCTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class _In(BaseModel):

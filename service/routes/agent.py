@@ -7,11 +7,13 @@ changes nothing, and the agent must stop that run.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 
 from service import events as event_log
-from service import job_logs, metric_ingest_pg, metric_series, queue
+from service import job_logs, metric_ingest_pg, metric_series, metrics_body, queue
 from service.contract import (
     ClaimPublic,
     HealthRulesPublic,
@@ -31,7 +33,6 @@ from service.schemas import (
     FinishRequest,
     HeartbeatRequest,
     LogsIngest,
-    MetricsIngest,
     ReleaseRequest,
     error_responses,
 )
@@ -113,27 +114,42 @@ def release(job_id: JobId, body: ReleaseRequest, session: SessionDep, agent: Age
         return job_public(session, job)
 
 
-@router.post("/jobs/{job_id}/metrics", response_model=IngestPublic)
+async def _body_bytes(request: Request) -> bytes:
+    return await request.body()
+
+
+@router.post(
+    "/jobs/{job_id}/metrics",
+    response_model=IngestPublic,
+    openapi_extra=metrics_body.OPENAPI_BODY,
+)
+@metrics_body.checks_own_body
 def ingest_metrics(
-    job_id: JobId, body: MetricsIngest, agent: AgentDep, state: StateDep
+    job_id: JobId,
+    raw: Annotated[bytes, Depends(_body_bytes)],
+    agent: AgentDep,
+    state: StateDep,
 ) -> IngestPublic:
-    """Store metric points; a point already stored (same name and step) is left as it is."""
+    """Store metric points; a point already stored (same name and step) is left as it is.
+
+    The body (`MetricsIngest`) is parsed from its bytes by service/metrics_body.py.
+    """
+    lease_token, points = metrics_body.parse_metrics(raw)
     limit = state.settings.max_ingest_points
-    if len(body.points) > limit:
-        raise PayloadTooLarge(f"{len(body.points)} points in one batch; at most {limit}")
-    points = [p.model_dump() for p in body.points]
+    if len(points) > limit:
+        raise PayloadTooLarge(f"{len(points)} points in one batch; at most {limit}")
     if state.engine.dialect.name == "postgresql":
         # One statement, its own transaction on the autocommit reader: lease, points, rollups.
         with state.reader() as session:
             inserted = metric_ingest_pg.ingest_fenced(
-                session, job_id, body.lease_token, points, lease_s=state.policy.lease_timeout_s
+                session, job_id, lease_token, points, lease_s=state.policy.lease_timeout_s
             )
             if inserted is None:
                 queue.refuse_lease(session, job_id)
     else:
         with state.writer() as session, session.begin():
             now = db_now(session)
-            queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+            queue.hold_lease(session, job_id, lease_token, state.policy, now=now)
             inserted = metric_series.ingest(session, job_id, points, now=now)
     state.instruments.metric_points.inc(len(points))
     return IngestPublic(received=len(points), inserted=inserted)
