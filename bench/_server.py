@@ -13,6 +13,49 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-token"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used itself, from /proc (0 once gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            pids.extend(_tree(int(child)))
+    return pids
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and every live descendant (a server's workers)."""
+    return sum(process_cpu(p) for p in _tree(pid))
+
+
+def database_cpu(url: str) -> float:
+    """CPU seconds used so far by the PostgreSQL backends connected to `url`'s database (the
+    server must run on this host); 0 for SQLite, whose work is in the API's processes."""
+    if not url.startswith("postgresql"):
+        return 0.0
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return sum(process_cpu(pid) for (pid,) in pids)
 
 
 def free_port() -> int:

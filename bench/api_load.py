@@ -6,7 +6,10 @@ series and a few latest metrics), then runs `wrk` (C, event-driven: the load gen
 less than the server) for `--duration` seconds at `--connections` connections on each route in
 turn, all against the same server process. /healthz (no token, no database) is the ceiling of
 the HTTP stack on this machine; the ratio get-job ÷ /healthz says how much of it the read path
-keeps. Reports requests/s, p50 and p99 (wrk's latency distribution).
+keeps. Reports requests/s, p50 and p99 (wrk's latency distribution), and
+"cpu ms": the server's CPU time per request (the API's processes and, on PostgreSQL, the
+database's backends for the bench database, from /proc; "db ms" is the backends' part), which
+the machine's load and wrk's own share of the cores disturb far less than the rate.
 
     python bench/api_load.py                              # 64 connections, 10 s each, both dbs
     python bench/api_load.py --db postgres --workers 2 --duration 5
@@ -30,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._databases import fresh_database
-from bench._server import ADMIN, start_server, stop_server
+from bench._server import ADMIN, database_cpu, start_server, stop_server, tree_cpu
 
 CONFIG = {"model": {"name": "mlp"}, "data": {"name": "digits"}, "schedule": {"epochs": 2}}
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -91,10 +94,12 @@ def run_wrk(wrk: str, url: str, token: str | None, connections: int, duration: f
         return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": float(rate.group(1)) if rate else float("nan"),
+        "requests": int(total.group(1)) if total else 0,
         "p50": latency("50"),
         "p99": latency("99"),
         "errors": (int(errors.group(1)) if errors else 0),
@@ -125,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk, {args.connections} connections, {args.duration:.0f} s per route; "
         f"xsam serve --workers {args.workers}; loopback; {os.cpu_count()} cores"
     )
-    print(f"{'db':9} {'route':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(
+        f"{'db':9} {'route':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'cpu ms':>8} {'db ms':>8}"
+    )
     for kind in kinds:
         with fresh_database(kind) as (url, data_dir):
             proc, base = start_server(url, data_dir, workers=args.workers)
@@ -144,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                 routes = [every[k] for k in wanted]
                 results = {}
                 for name, route, auth in routes:
+                    api, db = tree_cpu(proc.pid), database_cpu(url)
                     r = results[name] = run_wrk(wrk, route, auth, args.connections, args.duration)
+                    api, db = tree_cpu(proc.pid) - api, database_cpu(url) - db
+                    per = 1000 / r["requests"] if r["requests"] else float("nan")
                     print(
                         f"{kind:9} {name:22} {r['rps']:9.1f} {r['p50']:8.1f} {r['p99']:8.1f} "
-                        f"{r['errors']:7d} {r['socket_errors']}",
+                        f"{r['errors']:7d} {(api + db) * per:8.3f} {db * per:8.3f} "
+                        f"{r['socket_errors']}",
                         flush=True,
                     )
                 if "get job" in results and "/healthz" in results:

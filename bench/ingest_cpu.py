@@ -25,17 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import text
 
 from bench._databases import fresh_database
+from bench._server import process_cpu
 from bench.metrics_store import POLICY, _points, _running_job
 from service import metric_ingest_pg, metric_series, queue
 from service.db.engine import db_now, make_engine, make_sessionmakers
 from service.db.migrate import upgrade
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def backend_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def in_transaction(writer, reader, job_id, token, rows):  # type: ignore[no-untyped-def]
@@ -82,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.batch
                 batches = [_points(a, a + n) for a in range(0, (args.batches + 1) * n, n)]
                 store(writer, reader, job_id, token, batches[0])  # warm the statement caches
-                client, backend = time.process_time(), backend_cpu(pid)
+                client, backend = time.process_time(), process_cpu(pid)
                 for rows in batches[1:]:
                     store(writer, reader, job_id, token, rows)
                 totals[name][0] += time.process_time() - client
-                totals[name][1] += backend_cpu(pid) - backend
+                totals[name][1] += process_cpu(pid) - backend
                 totals[name][2] += args.batches * n
         engine.dispose()
     print(f"load average {os.getloadavg()[0]:.1f}; µs of CPU per point")

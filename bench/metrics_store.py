@@ -23,6 +23,7 @@ import json
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -59,11 +60,28 @@ def _running_job(writer) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     return job_id, job.lease_token
 
 
-def _points(start: int, stop: int) -> list[dict]:
-    return [
-        {"name": "loss", "step": s, "value": 1.0 / (1 + s % 977), "epoch": 1 + s // 10_000}
-        for s in range(start, stop)
-    ]
+#: What a training run reports each step (worker/reporter.py): several series, one time per step.
+SERIES = ("train/loss", "train/acc", "lr", "xsam/alpha", "xsam/phi")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _points(start: int, stop: int, *, iso: bool = False) -> list[dict]:
+    """Points start..stop-1 of a run: point i is series i % 5 at step i // 5, with the time the
+    reporter gives it (an ISO string in a request body, `iso`; else as the route parses it)."""
+    points = []
+    for i in range(start, stop):
+        step = i // len(SERIES)
+        time = T0 + timedelta(milliseconds=100 * step)
+        points.append(
+            {
+                "name": SERIES[i % len(SERIES)],
+                "step": step,
+                "value": 1.0 / (1 + i % 977),
+                "epoch": 1 + step // 10_000,
+                "time": time.isoformat() if iso else time,
+            }
+        )
+    return points
 
 
 def ingest_storage(writer, reader, points: int, batch: int) -> float:  # type: ignore[no-untyped-def]
@@ -110,7 +128,10 @@ def ingest_http(url: str, data_dir: Path, points: int, batch: int, clients: int,
         bodies = [
             [
                 json.dumps(
-                    {"lease_token": lease, "points": _points(a, min(a + batch, per_client))}
+                    {
+                        "lease_token": lease,
+                        "points": _points(a, min(a + batch, per_client), iso=True),
+                    }
                 ).encode()
                 for a in range(0, per_client, batch)
             ]
