@@ -106,3 +106,14 @@ def test_a_bad_body_is_refused_naming_the_field(body, loc, kind):
         parse_metrics(body)
     first = raised.value.errors()[0]
     assert [first["type"], list(first["loc"])] == [kind, loc]
+
+
+def test_the_openapi_document_describes_the_body(app):
+    doc = app.openapi()
+    route = doc["paths"]["/v1/agent/jobs/{job_id}/metrics"]["post"]
+    schema = route["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/MetricsIngest"}
+    schemas = doc["components"]["schemas"]
+    points = schemas["MetricsIngest"]["properties"]["points"]
+    assert points["items"] == {"$ref": "#/components/schemas/PointIn"}
+    assert set(schemas["PointIn"]["required"]) == {"name", "step", "value"}
