@@ -20,10 +20,10 @@ from datetime import datetime
 from typing import Annotated, Any, NotRequired, TypeVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from service.schemas import MAX_BIGINT, MAX_INT, MetricsIngest, as_utc
+from service.schemas import MAX_BIGINT, MAX_INT, MetricsIngest, UTCTime
 from service.storable import find_unstorable
 
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
@@ -35,7 +35,8 @@ class _Point(TypedDict):
     step: Annotated[int, Field(ge=0, le=MAX_BIGINT)]
     value: Annotated[float, Field(allow_inf_nan=False)]
     epoch: NotRequired[Annotated[int, Field(ge=0, le=MAX_INT)] | None]
-    time: NotRequired[datetime | None]  # made UTC by _utc_times, once per distinct time
+    # Parsed by _parse_times, once per distinct text (a batch shares a time per step).
+    time: NotRequired[Annotated[str, Strict()] | None]
 
 
 class _Batch(TypedDict):
@@ -45,6 +46,7 @@ class _Batch(TypedDict):
 
 
 _FAST = TypeAdapter(_Batch)
+_TIME = TypeAdapter(UTCTime)
 
 #: The route's requestBody in /openapi.json (FastAPI documents only bodies it parses itself).
 OPENAPI_BODY: dict[str, Any] = {
@@ -86,7 +88,7 @@ def parse_metrics(body: bytes) -> tuple[str, list[dict[str, Any]]]:
         if (
             _storable_text(batch["lease_token"])
             and all(_storable_text(name) for name in {p["name"] for p in points})
-            and _utc_times(points)
+            and _parse_times(points)
         ):
             return batch["lease_token"], points
     model = _slow_parse(body)
@@ -94,21 +96,21 @@ def parse_metrics(body: bytes) -> tuple[str, list[dict[str, Any]]]:
     return model.lease_token, [p.model_dump() for p in model.points]
 
 
-def _utc_times(points: list[dict[str, Any]]) -> bool:
-    """Make the points' times UTC (as `UTCTime` does), converting each distinct time once (a
-    batch shares a time per step); False if one has no UTC equivalent."""
-    moved: dict[datetime, datetime] = {}
-    for t in {p.get("time") for p in points}:
-        if t is not None and (t.tzinfo is None or t.utcoffset()):
+def _parse_times(points: list[dict[str, Any]]) -> bool:
+    """Replace the points' time texts by UTC datetimes (`UTCTime`, as the model parses them),
+    parsing each distinct text once; False if one is not a time."""
+    parsed: dict[str, datetime] = {}
+    for p in points:
+        text = p.get("time")
+        if text is None:
+            continue
+        t = parsed.get(text)
+        if t is None:
             try:
-                moved[t] = as_utc(t)
-            except ValueError:
+                t = parsed[text] = _TIME.validate_python(text)
+            except ValidationError:
                 return False
-    if moved:
-        for p in points:
-            t = p.get("time")
-            if t is not None and t in moved:
-                p["time"] = moved[t]
+        p["time"] = t
     return True
 
 

@@ -95,19 +95,20 @@ def float8(values: Sequence[float | None]) -> ARRAY:
 
 def timestamp(values: Sequence[datetime | None]) -> ARRAY:
     """Times as PostgreSQL `timestamp` (naive UTC; an aware time is converted to UTC)."""
-    micros: dict[datetime, int] = {}  # a batch's points share few distinct times
+    # A batch's points share a few time objects (one per step, service/metrics_body.py):
+    # each object is converted once, found by identity (hashing an aware time is not cheap).
+    micros: dict[int, int] = {}
     out: list[int | None] = []
     for t in values:
         if t is None:
             out.append(None)
             continue
-        m = micros.get(t)
+        m = micros.get(id(t))
         if m is None:
             naive = t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
-            m = micros[t] = (naive - _PG_EPOCH) // _MICROSECOND
+            m = micros[id(t)] = (naive - _PG_EPOCH) // _MICROSECOND
         out.append(m)
-    array = _fixed(_TIMESTAMP, ">i8", out)
-    return array
+    return _fixed(_TIMESTAMP, ">i8", out)
 
 
 def varchar(values: Sequence[str]) -> ARRAY:
