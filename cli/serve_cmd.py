@@ -18,11 +18,13 @@ never whatever answers on the port.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,18 +224,10 @@ def build_and_run_api(
 
     from service.app import create_app
 
-    url = f"http://{host}:{port}"
-    try:
-        lock = ServeLock(settings.data_dir, url)
-    except AlreadyServing as exc:
-        print(f"xsam serve: {exc}", file=sys.stderr)
-        return 1
-    try:
-        try:
-            sock = bind_port(host, port)
-        except AlreadyServing as exc:
-            print(f"xsam serve: {exc}", file=sys.stderr)
+    with _locked_and_bound(settings, host, port) as held:
+        if held is None:
             return 1
+        url, sock = held
         where = prepare(settings)
         log.info("XSAM API on %s (database %s, %d worker(s))", url, _safe(settings.url), workers)
         log.info("admin token: %s", where)
@@ -262,6 +256,27 @@ def build_and_run_api(
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         uvicorn.Server(config).run(sockets=[sock])
         return 0
+
+
+@contextlib.contextmanager
+def _locked_and_bound(settings, host: str, port: int) -> Iterator[tuple[str, socket.socket] | None]:
+    """(url, bound socket) while this server holds its data directory's lock and host:port;
+    None, said on stderr, when another server holds either."""
+    url = f"http://{host}:{port}"
+    try:
+        lock = ServeLock(settings.data_dir, url)
+    except AlreadyServing as exc:
+        print(f"xsam serve: {exc}", file=sys.stderr)
+        yield None
+        return
+    try:
+        try:
+            sock = bind_port(host, port)
+        except AlreadyServing as exc:
+            print(f"xsam serve: {exc}", file=sys.stderr)
+            yield None
+            return
+        yield url, sock
     finally:
         lock.release()
 
@@ -307,21 +322,10 @@ def _ray_temp_dir(settings) -> Path:
 def run_embedded(settings, args: argparse.Namespace) -> int:
     """The API (uvicorn, in a thread), a local Ray head and an agent, until SIGINT/SIGTERM."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
-    url = f"http://{args.host}:{args.port}"
-    try:
-        lock = ServeLock(settings.data_dir, url)
-    except AlreadyServing as exc:
-        print(f"xsam serve: {exc}", file=sys.stderr)
-        return 1
-    try:
-        try:
-            sock = bind_port(args.host, args.port)
-        except AlreadyServing as exc:
-            print(f"xsam serve: {exc}", file=sys.stderr)
+    with _locked_and_bound(settings, args.host, args.port) as held:
+        if held is None:
             return 1
-        return _run_embedded(settings, args, url, sock)
-    finally:
-        lock.release()
+        return _run_embedded(settings, args, *held)
 
 
 def _run_embedded(settings, args: argparse.Namespace, url: str, sock: socket.socket) -> int:
