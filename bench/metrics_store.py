@@ -7,7 +7,9 @@ Three measures per database:
   the lease check, the insert and the rollups);
 * **ingest, HTTP** — the same through ``POST /v1/agent/jobs/{id}/metrics`` on `xsam serve
   --workers W`, `--clients` threads each feeding its own running job; request bodies are
-  encoded before the clock starts, so the figure is the server's, not the client's;
+  encoded before the clock starts, so the figure is the server's, not the client's; with the
+  server's CPU per point (API processes + PostgreSQL backends, /proc) and how many cores stood
+  idle meanwhile (a rate with idle cores is bound by latency, not by CPU);
 * **query** — ``max_points`` downsampled queries (storage layer, `--queries` each) over series of
   10 k, 100 k, 1 M and 10 M points (`--sizes`), loaded in SQL (generate_series / a recursive CTE,
   then `metric_rollups.rebuild`), so the growth of the cost with the series' length shows.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import text
 
 from bench._databases import fresh_database, percentile
-from bench._server import ADMIN, start_server, stop_server
+from bench._server import ADMIN, database_cpu, start_server, stop_server, tree_cpu
 from service import metric_ingest_pg, metric_rollups, metric_series, queue
 from service.db.engine import (
     db_now,
@@ -155,14 +158,24 @@ def ingest_http(url: str, data_dir: Path, points: int, batch: int, clients: int,
             t.start()
         barrier.wait()
         began = time.perf_counter()
+        api, db, idle = tree_cpu(proc.pid), database_cpu(url), _idle_cpu()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - began
+        api, db = tree_cpu(proc.pid) - api, database_cpu(url) - db
+        idle = _idle_cpu() - idle
         if errors:
             raise RuntimeError(f"{len(errors)} failed batches, e.g. {errors[0]}")
-        return per_client * clients / elapsed
+        stored = per_client * clients
+        return stored / elapsed, 1e6 * api / stored, 1e6 * db / stored, idle / elapsed
     finally:
         stop_server(proc)
+
+
+def _idle_cpu() -> float:
+    """Seconds the machine's cores have been idle (all cores summed), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_series(engine, writer, points: int) -> int:  # type: ignore[no-untyped-def]
@@ -214,12 +227,13 @@ def run_one(kind: str, args: argparse.Namespace) -> None:
         if args.ingest_points:
             rate = ingest_storage(writer, reader, args.ingest_points, args.batch)
             print(f"{kind:9} ingest, storage layer     {rate:12,.0f} points/s", flush=True)
-            rate = ingest_http(
+            rate, api, db, idle = ingest_http(
                 url, data_dir, args.ingest_points, args.batch, args.clients, args.workers
             )
             print(
                 f"{kind:9} ingest, HTTP ({args.clients} clients, {args.workers} workers)"
-                f" {rate:12,.0f} points/s",
+                f" {rate:12,.0f} points/s  server CPU µs/point: API {api:.1f}, database {db:.1f}"
+                f"  ({idle:.2f} of {os.cpu_count()} cores idle)",
                 flush=True,
             )
         for size in args.sizes:
