@@ -57,12 +57,13 @@ def seed(base: str, jobs: int) -> tuple[str, int]:
     admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     user = admin.post("/v1/tokens", json={"name": "bench", "role": "user"}).json()["token"]
     as_user = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {user}"}, timeout=60)
-    ids = [
-        as_user.post("/v1/jobs", json={"config": CONFIG, "tags": ["bench", f"t{n % 5}"]}).json()[
-            "id"
-        ]
-        for n in range(jobs)
-    ]
+    ids = []
+    for n in range(jobs):
+        submitted = as_user.post(
+            "/v1/jobs", json={"config": CONFIG, "tags": ["bench", f"t{n % 5}"]}
+        )
+        submitted.raise_for_status()
+        ids.append(submitted.json()["id"])
     claimed = admin.post(
         "/v1/agent/claim", json={"agent_id": "seed", "capacity": {"cpus": 64, "gpus": 8}}
     ).json()
