@@ -25,7 +25,10 @@ def test_agent_sigkilled_with_two_running_jobs_both_resume_as_attempt_2(
     # the victim's processes must go).
     others = {pid for pid, _ in train_processes()}
     victim = serve_factory("killed").start()
-    epochs = 15  # long enough that the kill lands mid-run for both
+    # Long enough that the kill lands mid-run for both: the first job may start on a warm actor
+    # and run ~1 s epochs while the second still waits for a cold worker group (~20-30 s on an
+    # idle machine; with 15 epochs the first had finished before the second's epoch 1).
+    epochs = 40
     with victim.client() as api:
         jobs = [
             api.submit(
