@@ -7,10 +7,13 @@ changes nothing, and the agent must stop that run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service import events as event_log
 from service import job_logs, metric_ingest_pg, metric_series, metrics_body, queue
@@ -24,7 +27,7 @@ from service.contract import (
 )
 from service.db.engine import db_now
 from service.db.models import Job
-from service.deps import AgentDep, SessionDep, StateDep
+from service.deps import AgentDep, AppState, SessionDep, StateDep
 from service.errors import PayloadTooLarge
 from service.routes.jobs import JobId, job_public
 from service.schemas import (
@@ -135,9 +138,7 @@ def ingest_metrics(
     The body (`MetricsIngest`) is parsed from its bytes by service/metrics_body.py.
     """
     lease_token, points = metrics_body.parse_metrics(raw)
-    limit = state.settings.max_ingest_points
-    if len(points) > limit:
-        raise PayloadTooLarge(f"{len(points)} points in one batch; at most {limit}")
+    _at_most(points, state.settings.max_ingest_points, "points")
     if state.engine.dialect.name == "postgresql":
         # One statement, its own transaction on the autocommit reader: lease, points, rollups.
         with state.reader() as session:
@@ -147,10 +148,11 @@ def ingest_metrics(
             if inserted is None:
                 queue.refuse_lease(session, job_id)
     else:
-        with state.writer() as session, session.begin():
-            now = db_now(session)
-            queue.hold_lease(session, job_id, lease_token, state.policy, now=now)
-            inserted = metric_series.ingest(session, job_id, points, now=now)
+        with state.writer() as session:
+            inserted = _under_lease(
+                session, state, job_id, lease_token,
+                lambda now: metric_series.ingest(session, job_id, points, now=now),
+            )  # fmt: skip
     state.instruments.metric_points.inc(len(points))
     return IngestPublic(received=len(points), inserted=inserted)
 
@@ -160,14 +162,12 @@ def ingest_events(
     job_id: JobId, body: EventsIngest, session: SessionDep, agent: AgentDep, state: StateDep
 ) -> IngestPublic:
     """Append events; one whose ``key`` this job already has is a replay and is dropped."""
-    limit = state.settings.max_ingest_events
-    if len(body.events) > limit:
-        raise PayloadTooLarge(f"{len(body.events)} events in one batch; at most {limit}")
+    _at_most(body.events, state.settings.max_ingest_events, "events")
     events = [e.model_dump() for e in body.events]
-    with session.begin():
-        now = db_now(session)
-        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
-        inserted = event_log.record_events(session, job_id, events, now=now)
+    inserted = _under_lease(
+        session, state, job_id, body.lease_token,
+        lambda now: event_log.record_events(session, job_id, events, now=now),
+    )  # fmt: skip
     state.instruments.events.inc(len(events))
     return IngestPublic(received=len(events), inserted=inserted)
 
@@ -178,16 +178,36 @@ def ingest_logs(
 ) -> IngestPublic:
     """Store ranks' log lines under the lease's attempt; a line already received (same attempt,
     rank and seq) is a replay and is dropped. Past the job's cap the middle is dropped."""
-    limit = state.settings.max_ingest_log_lines
-    if len(body.lines) > limit:
-        raise PayloadTooLarge(f"{len(body.lines)} log lines in one batch; at most {limit}")
+    _at_most(body.lines, state.settings.max_ingest_log_lines, "log lines")
     lines = [line.model_dump() for line in body.lines]
-    with session.begin():
-        now = db_now(session)
-        queue.hold_lease(session, job_id, body.lease_token, state.policy, now=now)
+
+    def store(now: datetime) -> int:
         attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
         assert attempt is not None
-        inserted = job_logs.ingest(
+        return job_logs.ingest(
             session, job_id, attempt, lines, now=now, cap=state.settings.max_log_lines_per_job
         )
+
+    inserted = _under_lease(session, state, job_id, body.lease_token, store)
     return IngestPublic(received=len(lines), inserted=inserted)
+
+
+def _at_most(items: Sized, limit: int, what: str) -> None:
+    """413 for a batch of more than `limit` items."""
+    if len(items) > limit:
+        raise PayloadTooLarge(f"{len(items)} {what} in one batch; at most {limit}")
+
+
+def _under_lease(
+    session: Session,
+    state: AppState,
+    job_id: int,
+    lease_token: str,
+    store: Callable[[datetime], int],
+) -> int:
+    """`store(now)`'s answer, run in one transaction that holds (and renews) the job's lease:
+    a stale lease token is refused (409) before anything is written."""
+    with session.begin():
+        now = db_now(session)
+        queue.hold_lease(session, job_id, lease_token, state.policy, now=now)
+        return store(now)
