@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from scipy import stats as scipy_stats
-
 from service.contract import (
     AlphaStats,
     CurvePoint,
@@ -32,6 +30,14 @@ Mode = Literal["max", "min"]
 Point = tuple[int, float, datetime]
 
 
+def _scipy_stats() -> Any:
+    """scipy.stats, imported on first use: it is 0.7 s of every API process's start-up
+    (`python -X importtime -c "import service.app"`), and only study summaries need it."""
+    from scipy import stats
+
+    return stats
+
+
 def stat(values: list[float]) -> Stat:
     """Mean, sample sd (ddof 1) and ci95 = t(0.975, n−1)·sd/√n; sd and ci95 null when n < 2."""
     n = len(values)
@@ -41,7 +47,7 @@ def stat(values: list[float]) -> Stat:
     if n < 2:
         return Stat(mean=mean, sd=None, ci95=None)
     sd = statistics.stdev(values)
-    ci95 = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    ci95 = float(_scipy_stats().t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return Stat(mean=mean, sd=sd, ci95=ci95)
 
 
@@ -69,7 +75,7 @@ def pair(cell: dict[int, float], baseline: dict[int, float], mode: Mode) -> Pair
     # spread, and a t-test on them would report a meaningless p ≈ 0.
     spread = not math.isclose(max(diffs), min(diffs), rel_tol=1e-9, abs_tol=1e-12)
     if len(seeds) >= 2 and spread:
-        result = scipy_stats.ttest_rel(a, b)
+        result = _scipy_stats().ttest_rel(a, b)
         t, p = float(result.statistic), float(result.pvalue)
     wins = sum(1 for d in diffs if (d > 0 if mode == "max" else d < 0))
     return Pair(mean_diff=math.fsum(diffs) / len(diffs), t=t, p=p, wins=wins)
