@@ -2,9 +2,9 @@
 
 A metrics batch is thousands of points. FastAPI would parse it with Python's json, walk it for
 unstorable values (service/deps.py), validate it into a model per point and dump each back to a
-dict: about 5 µs per point, as much as PostgreSQL spends storing it. Here pydantic-core parses
-and validates the bytes in one pass into plain dicts (≈ 0.6 µs per point; `bench/ingest_cpu.py
---parse`). The only strings a valid body holds are the lease token and the series names, so the
+dict: about 6 µs of CPU per point, as much as PostgreSQL spends storing it. Here pydantic-core
+parses and validates the bytes in one pass into plain dicts (about 1.1 µs per point, the time
+texts included; `python bench/ingest_cpu.py --parse`). The only strings a valid body holds are the lease token and the series names, so the
 unstorable check is one look at each distinct name.
 
 Any body the fast pass refuses, or that holds a name or token it cannot store, is parsed again

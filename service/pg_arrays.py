@@ -1,8 +1,7 @@
 """PostgreSQL array parameters in the binary wire format, built a batch at a time.
 
 The metrics ingest statement takes a batch as a dozen arrays (`unnest`). Written as text, every
-number is formatted by Python and parsed again by PostgreSQL (``repr`` of a float alone was
-≈ 0.7 µs per point); psycopg's own list dumper works element by element in Python. Here each
+number is formatted by Python (``repr`` of every float) and parsed again by PostgreSQL; psycopg's own list dumper works element by element in Python. Here each
 array is packed in one go (numpy for numbers, one cached encoding per distinct name or time)
 and sent as binary: PostgreSQL copies the values in. `ARRAY` objects are bound like any other
 parameter; psycopg picks the dumper registered below by their class.

@@ -31,8 +31,8 @@ Point = tuple[int, float, datetime]
 
 
 def _scipy_stats() -> Any:
-    """scipy.stats, imported on first use: it is 0.7 s of every API process's start-up
-    (`python -X importtime -c "import service.app"`), and only study summaries need it."""
+    """scipy.stats, imported on first use: it was the largest import in every API process's
+    start-up (`python -X importtime -c "import service.app"`); only study summaries need it."""
     from scipy import stats
 
     return stats

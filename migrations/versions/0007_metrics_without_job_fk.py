@@ -1,8 +1,8 @@
 """Metrics and rollups without a foreign key to jobs: the lease fence already proves the job.
 
-PostgreSQL checks a foreign key with a trigger per inserted row: on a 1000-point batch that was
-about 5.6 µs of the backend's CPU per point, more than the insert itself (≈ 3 µs; measured in a
-scratch database, docs/api.md "Benchmarks"). Every metric write is fenced by the job's lease in
+PostgreSQL checks a foreign key with a trigger per inserted row: on 1000-point batches it made
+the insert cost 1.65–2.44 × the backend CPU it costs without (`bench/pg_foreign_key.py`;
+docs/api.md "Benchmarks"). Every metric write is fenced by the job's lease in
 the same statement or transaction (an UPDATE of the job's row that must find it running with the
 lease token), so a point can only be stored for a job that exists and holds the row lock while it
 is written; the service never deletes jobs. The key bought nothing but its cost. Events, logs and
