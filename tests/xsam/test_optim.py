@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
 
 import pytest
 import torch
+from optim_closures import closure_for
 from optim_reference import GRID, reference_step
 from optim_reference import angle as _angle
 from optim_reference import norm as _norm
@@ -40,17 +40,6 @@ def batches(n: int, size: int = 24, seed: int = 1) -> list[tuple[Tensor, Tensor]
         )
         for _ in range(n)
     ]
-
-
-def closure_for(model: nn.Module, x: Tensor, y: Tensor) -> Callable[..., Tensor]:
-    def closure(backward: bool = True) -> Tensor:
-        model.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss
-
-    return closure
 
 
 def sgd(model: nn.Module, **kw) -> torch.optim.SGD:

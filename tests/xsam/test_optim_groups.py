@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from optim_closures import closure_for
 from optim_reference import reference_step
 from torch import Tensor, nn
 
@@ -30,19 +31,6 @@ def batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
         (torch.randn(24, 6, generator=gen, dtype=F64), torch.randint(0, 3, (24,), generator=gen))
         for _ in range(n)
     ]
-
-
-def closure_for(model: nn.Module, x: Tensor, y: Tensor, calls: list[bool] | None = None):
-    def closure(backward: bool = True) -> Tensor:
-        if calls is not None:
-            calls.append(backward)
-        model.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss
-
-    return closure
 
 
 def plain_closure_for(model: nn.Module, x: Tensor, y: Tensor, calls: list[int] | None = None):
